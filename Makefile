@@ -1,0 +1,53 @@
+# lld-lightning developer targets. `make demo` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLD := $(VENV)/bin/lld
+export HF_HUB_OFFLINE ?= 1
+# Exact pins for the machines we test on (the package itself takes ranges).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install            ## the default test run (not slow, not gpu)
+	$(PY) -m pytest -q
+
+test-all: install        ## everything that runs on CPU, slow tests included
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check lld_lightning tests
+
+format: install
+	$(VENV)/bin/ruff format lld_lightning tests
+
+smoke: install           ## seconds: tiny synthetic fit + test
+	$(LLD) fit --config configs/tiny.yaml
+	$(LLD) test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+
+demo: fit test-model predict   ## the main job on the built-in synthetic data
+
+fit: install
+	$(LLD) fit --config configs/sparse.yaml
+
+test-model: install
+	$(LLD) test --config configs/sparse.yaml --ckpt_path runs/sparse/checkpoints/best.ckpt
+
+predict: install
+	$(LLD) predict --config configs/sparse.yaml --ckpt_path runs/sparse/checkpoints/best.ckpt \
+		--data.predict_root data/synthetic/n480_s640_seed0_sparse0.2/H_100x_C1/images/test
+
+txl: install             ## TXL-PBC from ../shared/data/txl_pbc
+	$(LLD) fit --config configs/txl.yaml
+	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/checkpoints/best.ckpt
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,241 @@
+"""The sparse multi-task detection loss: classes, boxes, localisation quality and attributes.
+
+Locations are matched to cells by `assign_locations`; every location the assigner marks
+``IGNORE`` (outside all annotated regions and not a positive) is dropped before any term is
+computed, so it contributes no loss and receives exactly zero gradient. With ``mode="naive"``
+nothing is ignored and the unlabelled field of view counts as background (the baseline the
+masked loss is compared against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import (
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+    sigmoid_focal_loss,
+)
+
+from lld_lightning.constants import IGNORE, IGNORE_INDEX
+from lld_lightning.models.assign import assign_locations
+from lld_lightning.models.detector import decode_boxes
+
+LossMode = Literal["masked", "naive"]
+BoxLossName = Literal["giou", "ciou", "diou"]
+
+BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "giou": generalized_box_iou_loss,
+    "ciou": complete_box_iou_loss,
+    "diou": distance_box_iou_loss,
+}
+
+#: Keeps the IoU of a degenerate (zero-area) predicted box finite.
+IOU_EPS: float = 1e-7
+
+
+def elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of each box with the box at the same index (torchvision's `box_iou` is pairwise).
+
+    Args:
+        boxes1: float ``[N, 4]`` xyxy.
+        boxes2: float ``[N, 4]`` xyxy.
+
+    Returns:
+        float ``[N]`` in ``[0, 1]``.
+    """
+    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
+    return intersection / (area1 + area2 - intersection + IOU_EPS)
+
+
+def mean_over_ranks(value: Tensor) -> Tensor:
+    """Average a tensor across DDP ranks (identity when not distributed).
+
+    Args:
+        value: any tensor on this rank's device; not differentiated through.
+
+    Returns:
+        The mean over ranks, same shape.
+    """
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / dist.get_world_size()
+    return value
+
+
+class SparseDetectionLoss(nn.Module):
+    """Focal classification + IoU box + quality + attribute loss on a sparse-annotation mask.
+
+    Every term is a sum over the locations it concerns divided by
+    ``max(1, num_foreground)``, the number of positive locations in the batch averaged over DDP
+    ranks (FCOS/torchvision normalisation). Terms are returned unweighted; the caller weights
+    them. Everything is computed in float32, also under bf16/fp16 autocast.
+
+    A per-cell weight (``targets["weights"]``, default 1) scales every term at that cell's
+    positive locations (classification included); it does not change ``num_foreground``, so a
+    weight-0 cell acts as if its locations were ignored.
+
+    Args:
+        num_classes: number of cell classes ``C``.
+        attribute_spec: ``{name: num_values}`` in the column order of ``targets["attributes"]``.
+        mode: ``"masked"`` ignores locations outside the annotated regions; ``"naive"`` treats
+            them as background.
+        focal_alpha: focal-loss weight of positives.
+        focal_gamma: focal-loss focusing exponent.
+        center_radius: centre-sampling radius of the assigner, in strides.
+        box_loss: ``"giou"``, ``"ciou"`` or ``"diou"`` (the torchvision losses).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        attribute_spec: dict[str, int],
+        mode: LossMode = "masked",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        center_radius: float = 1.5,
+        box_loss: BoxLossName = "giou",
+    ) -> None:
+        super().__init__()
+        if mode not in ("masked", "naive"):
+            raise ValueError(f"mode must be 'masked' or 'naive', got {mode!r}")
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {sorted(BOX_LOSSES)}, got {box_loss!r}")
+        self.num_classes = num_classes
+        self.attribute_spec = dict(attribute_spec)
+        self.mode = mode
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.center_radius = center_radius
+        self.box_loss = box_loss
+
+    def forward(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
+        """Compute the named loss terms.
+
+        Args:
+            outputs: the detector output (docs/architecture.md): ``cls_logits [B, P, C]``,
+                ``box_deltas [B, P, 4]`` (stride units), ``quality_logits [B, P]``,
+                ``attr_logits {name: [B, P, K]}``, ``points [P, 2]``, ``strides [P]``.
+            targets: batch keys ``boxes`` float ``[B, M, 4]`` xyxy pixels, ``labels`` int64
+                ``[B, M]`` (``IGNORE_INDEX`` = padding), ``attributes`` int64 ``[B, M, A]``
+                (``IGNORE_INDEX`` = missing), ``regions`` float ``[B, R, 4]``,
+                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]``.
+
+        Returns:
+            Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes`` and the
+            detached ``num_foreground`` (positives in the batch, mean over ranks).
+        """
+        device_type = outputs["cls_logits"].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._terms(outputs, targets)
+
+    def _terms(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
+        cls_logits = outputs["cls_logits"].float()
+        points = outputs["points"].float()
+        strides = outputs["strides"].float()
+        gt_boxes, labels, attributes, weights = _cell_targets(targets, cls_logits.device)
+        if attributes.shape[2] != len(self.attribute_spec):
+            raise ValueError(
+                f"targets['attributes'] has {attributes.shape[2]} columns but the attribute spec "
+                f"names {len(self.attribute_spec)}: {list(self.attribute_spec)}"
+            )
+
+        matched = assign_locations(
+            points,
+            strides,
+            gt_boxes,
+            labels != IGNORE_INDEX,
+            targets["regions"].to(cls_logits.device),
+            targets["region_valid"].to(cls_logits.device),
+            ignore_outside_regions=self.mode == "masked",
+            center_radius=self.center_radius,
+        )  # [B, P]
+        valid = matched != IGNORE  # [B, P]
+        foreground = matched >= 0  # [B, P]
+        cell = matched.clamp(min=0)  # [B, P], an index usable by gather (masked by foreground)
+
+        num_foreground = mean_over_ranks(foreground.sum().float()).detach()
+        normaliser = num_foreground.clamp(min=1.0)
+
+        # Per-location weight: the cell's weight at positives, 1 for background.
+        location_weight = torch.where(foreground, weights.gather(1, cell), 1.0)  # [B, P]
+        location_label = labels.gather(1, cell).clamp(min=0)  # [B, P]
+        cls_target = F.one_hot(location_label, self.num_classes).float()  # [B, P, C]
+        cls_target = cls_target * foreground[..., None]
+        cls_loss = sigmoid_focal_loss(
+            cls_logits[valid],
+            cls_target[valid],
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            reduction="none",
+        ).sum(dim=1)  # [V]
+        cls_term = (cls_loss * location_weight[valid]).sum() / normaliser
+
+        # Positive locations only, flattened to [N].
+        image_index, point_index = foreground.nonzero(as_tuple=True)
+        cell_index = matched[image_index, point_index]
+        positive_weight = weights[image_index, cell_index]  # [N]
+        predicted = decode_boxes(
+            points[point_index],
+            strides[point_index],
+            outputs["box_deltas"].float()[image_index, point_index],
+        )  # [N, 4]
+        target_boxes = gt_boxes[image_index, cell_index]  # [N, 4]
+        box_loss = BOX_LOSSES[self.box_loss](predicted, target_boxes, reduction="none")  # [N]
+        box_term = (box_loss * positive_weight).sum() / normaliser
+
+        iou = elementwise_iou(predicted.detach(), target_boxes)  # [N]
+        quality_logits = outputs["quality_logits"].float()[image_index, point_index]  # [N]
+        quality_loss = F.binary_cross_entropy_with_logits(quality_logits, iou, reduction="none")
+        quality_term = (quality_loss * positive_weight).sum() / normaliser
+
+        attribute_loss = cls_logits.new_zeros(())
+        positive_attributes = attributes[image_index, cell_index]  # [N, A]
+        for column, name in enumerate(self.attribute_spec):
+            logits = outputs["attr_logits"][name].float()[image_index, point_index]  # [N, K]
+            # reduction="none" gives exactly 0 (and zero gradient) at ignored targets, so an
+            # all-missing attribute adds 0.0, never the NaN of an empty mean.
+            per_location = F.cross_entropy(
+                logits, positive_attributes[:, column], ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            attribute_loss = attribute_loss + (per_location * positive_weight).sum()
+        attribute_term = attribute_loss / normaliser
+
+        return {
+            "cls": cls_term,
+            "box": box_term,
+            "quality": quality_term,
+            "attributes": attribute_term,
+            "num_foreground": num_foreground,
+        }
+
+
+def _cell_targets(targets: dict, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Boxes ``[B, M', 4]``, labels ``[B, M']``, attributes ``[B, M', A]``, weights ``[B, M']``.
+
+    ``M' = max(M, 1)``: a batch without any cell gets one padding cell so that the per-location
+    gathers stay well defined; padding is never matched.
+    """
+    gt_boxes = targets["boxes"].to(device).float()
+    labels = targets["labels"].to(device)
+    attributes = targets["attributes"].to(device)
+    weights = targets.get("weights")
+    weights = torch.ones_like(gt_boxes[..., 0]) if weights is None else weights.to(device).float()
+    if gt_boxes.shape[1] == 0:
+        batch_size, num_attributes = gt_boxes.shape[0], attributes.shape[2]
+        gt_boxes = gt_boxes.new_zeros((batch_size, 1, 4))
+        labels = labels.new_full((batch_size, 1), IGNORE_INDEX)
+        attributes = attributes.new_full((batch_size, 1, num_attributes), IGNORE_INDEX)
+        weights = weights.new_zeros((batch_size, 1))
+    return gt_boxes, labels, attributes, weights

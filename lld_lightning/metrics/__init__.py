@@ -1,0 +1,19 @@
+"""Detection mAP, attribute metrics and their per-domain breakdown (torchmetrics, no Lightning)."""
+
+from lld_lightning.metrics.attributes import UNDEFINED_METRIC, AttributeMetrics
+from lld_lightning.metrics.detection import UnevenMeanAveragePrecision
+from lld_lightning.metrics.domains import ALL_DOMAINS, DomainMetrics
+from lld_lightning.metrics.matching import UNMATCHED, match_detections
+from lld_lightning.metrics.tables import attribute_report_table, render_metrics_table
+
+__all__ = [
+    "ALL_DOMAINS",
+    "UNDEFINED_METRIC",
+    "UNMATCHED",
+    "AttributeMetrics",
+    "DomainMetrics",
+    "UnevenMeanAveragePrecision",
+    "attribute_report_table",
+    "match_detections",
+    "render_metrics_table",
+]

@@ -1,0 +1,187 @@
+"""The detector (backbone -> FPN -> dense head) and the box coding of its output contract.
+
+Output contract (docs/architecture.md, "Detector output"): `Detector.forward` returns raw head
+outputs only, the same dict in train and eval, all float32, ``P`` = every location of every
+level, levels finest first, row-major (y, x) inside a level:
+
+- ``cls_logits [B, P, C]``; ``box_deltas [B, P, 4]`` non-negative (l, t, r, b) in stride units;
+- ``quality_logits [B, P]``; ``attr_logits {name: [B, P, K_name]}`` in spec order;
+- ``points [P, 2]`` (x, y) location centres in input pixels; ``strides [P]`` float32.
+
+Decoding: ``x1 = px - l * s``, ``y1 = py - t * s``, ``x2 = px + r * s``, ``y2 = py + b * s``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lld_lightning.models.backbone import TimmBackbone
+from lld_lightning.models.heads import DenseHead, Norm
+from lld_lightning.models.neck import ExtraLevels, FpnNeck
+
+#: Distinct input sizes whose points are kept; multi-scale training uses a handful at most.
+_MAX_CACHED_SIZES: int = 32
+
+
+def decode_boxes(
+    points: torch.Tensor, strides: torch.Tensor, box_deltas: torch.Tensor
+) -> torch.Tensor:
+    """Distances in stride units -> xyxy pixel boxes.
+
+    Args:
+        points: ``[..., 2]`` (x, y) location centres in pixels.
+        strides: ``[...]`` stride of each location.
+        box_deltas: ``[..., 4]`` (l, t, r, b) distances in stride units. Leading dimensions
+            broadcast, e.g. points ``[P, 2]`` with deltas ``[B, P, 4]``.
+
+    Returns:
+        ``[..., 4]`` xyxy boxes in pixels.
+    """
+    distances = box_deltas * strides.unsqueeze(-1).to(box_deltas.dtype)
+    return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
+
+
+def encode_boxes(
+    points: torch.Tensor, strides: torch.Tensor, boxes_xyxy: torch.Tensor
+) -> torch.Tensor:
+    """The inverse of `decode_boxes`: xyxy pixel boxes -> (l, t, r, b) in stride units.
+
+    Args:
+        points: ``[..., 2]`` (x, y) location centres in pixels.
+        strides: ``[...]`` stride of each location.
+        boxes_xyxy: ``[..., 4]`` boxes; leading dimensions broadcast.
+
+    Returns:
+        ``[..., 4]`` distances; negative where the point lies outside the box.
+    """
+    left_top = points - boxes_xyxy[..., :2]
+    right_bottom = boxes_xyxy[..., 2:] - points
+    return torch.cat([left_top, right_bottom], dim=-1) / strides.unsqueeze(-1).to(boxes_xyxy.dtype)
+
+
+def level_points(
+    sizes: list[tuple[int, int]], strides: list[int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location centres of every level, in the order the head flattens them.
+
+    Args:
+        sizes: ``(H_l, W_l)`` per level.
+        strides: stride per level.
+        device: where to build them.
+
+    Returns:
+        ``points [P, 2]`` (x, y) with the first point of level l at ``(s_l / 2, s_l / 2)``, and
+        ``strides [P]`` float32.
+    """
+    points, point_strides = [], []
+    for (height, width), stride in zip(sizes, strides, strict=True):
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))  # [H*W, 2] row-major
+        point_strides.append(torch.full((height * width,), float(stride), device=device))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+class Detector(nn.Module):
+    """Backbone -> neck -> dense head, returning the raw output dict of the contract.
+
+    Args:
+        backbone: maps ``[B, 3, H, W]`` in ``[0, 1]`` to feature maps (normalises itself).
+        neck: fuses them into pyramid levels; must expose ``strides`` (one per output level).
+        head: a `DenseHead` (or any module with the same output dict) over the levels.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.strides_per_level: list[int] = list(neck.strides)
+        self._point_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.num_classes)
+
+    @property
+    def attribute_spec(self) -> dict[str, int]:
+        return dict(self.head.attribute_spec)
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """Run the detector.
+
+        Args:
+            images: float ``[B, 3, H, W]`` RGB in ``[0, 1]``; ``H`` and ``W`` should be multiples
+                of the coarsest stride so that ``points`` lie at the true feature centres.
+
+        Returns:
+            The contract dict (module docstring): ``cls_logits``, ``box_deltas``,
+            ``quality_logits``, ``attr_logits``, ``points``, ``strides``.
+        """
+        features = self.neck(self.backbone(images))
+        outputs: dict[str, Any] = self.head(features)
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        outputs["points"], outputs["strides"] = self._points(sizes, images.device)
+        return outputs
+
+    def _points(
+        self, sizes: list[tuple[int, int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(sizes), str(device))
+        cached = self._point_cache.get(key)
+        if cached is None:
+            if len(self._point_cache) >= _MAX_CACHED_SIZES:
+                self._point_cache.clear()
+            cached = level_points(sizes, self.strides_per_level, device)
+            self._point_cache[key] = cached
+        return cached
+
+
+def build_detector(
+    backbone: str,
+    num_classes: int,
+    attribute_spec: dict[str, int],
+    pretrained: bool = False,
+    out_indices: tuple[int, ...] = (2, 3, 4),
+    fpn_channels: int = 128,
+    head_convs: int = 2,
+    pretrained_file: str | Path | None = None,
+    extra_levels: ExtraLevels = "none",
+    attribute_convs: int = 0,
+    head_norm: Norm = "group",
+) -> Detector:
+    """Build timm backbone + FPN + `DenseHead` from plain values.
+
+    Args:
+        backbone: timm model name.
+        num_classes: number of classes ``C``.
+        attribute_spec: ``{name: num_values}`` (e.g. `LLD_ATTRIBUTE_SPEC`).
+        pretrained: load the timm default weights (needs the hub or its cache).
+        out_indices: backbone stages fed to the FPN.
+        fpn_channels: channels of every pyramid level and of the head towers.
+        head_convs: convs per head tower.
+        pretrained_file: local full-model checkpoint (implies pretrained weights).
+        extra_levels: ``"none"``, ``"maxpool"`` or ``"p6p7"`` (see `FpnNeck`).
+        attribute_convs: own attribute tower depth; 0 shares the classification tower.
+        head_norm: ``"group"``, ``"batch"`` or ``"none"``.
+
+    Returns:
+        The `Detector`.
+    """
+    body = TimmBackbone(backbone, pretrained, tuple(out_indices), pretrained_file)
+    neck = FpnNeck(body.channels, body.strides, fpn_channels, extra_levels)
+    head = DenseHead(
+        fpn_channels,
+        num_classes,
+        attribute_spec,
+        num_convs=head_convs,
+        norm=head_norm,
+        num_levels=len(neck.strides),
+        attribute_convs=attribute_convs,
+    )
+    return Detector(body, neck, head)

@@ -1,0 +1,164 @@
+"""The `lld` CLI, in-process, on the tiny config (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lld_lightning.cli import main
+from lld_lightning.module import LldModule
+from tests.conftest import LLD_SAMPLES, REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def _args(workdir: Path) -> list[str]:
+    return [
+        "--config", TINY,
+        "--data.synthetic_dir", str(workdir / "data"),
+        "--trainer.default_root_dir", str(workdir / "run"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny fit shared by the CLI tests: returns the work dir (checkpoints under runs/tiny)."""
+    workdir = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(["fit", *_args(workdir)])
+    assert (workdir / "runs/tiny/checkpoints/last.ckpt").exists()
+    assert list((workdir / "run").rglob("metrics.csv")), "CSV logger wrote nothing"
+    assert list((workdir / "run").rglob("events.out.tfevents.*")), "TensorBoard logger wrote nothing"
+    return workdir
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed
+
+
+def test_validate_and_test_print_per_domain_table(fitted: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(fitted)
+    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    main(["validate", *_args(fitted), "--ckpt_path", ckpt])
+    cli = main(["test", *_args(fitted), "--ckpt_path", ckpt])
+    results = cli.model.test_results
+    domains = cli.datamodule.test_domains
+    assert len(domains) >= 2
+    for domain in domains:
+        assert 0.0 <= results[f"{domain}/map_50"] <= 1.0
+    assert "all/map" in results
+    out = capsys.readouterr().out
+    assert "per-domain" in out and all(d in out for d in domains)
+
+
+def test_predict_writes_json_csv_and_overlays(fitted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(fitted)
+    images = LLD_SAMPLES if LLD_SAMPLES.exists() else next((fitted / "data").rglob("images/test"))
+    out = fitted / "pred"
+    main([
+        "predict", *_args(fitted), "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"),
+        "--data.predict_root", str(images), "--predict_writer.output_dir", str(out),
+        "--predict_writer.min_score", "0.0",
+    ])
+    num_images = len([p for p in images.iterdir() if p.suffix.lower() in (".png", ".jpg")])
+    coco = json.loads((out / "detections.json").read_text())
+    assert len(coco["images"]) == num_images
+    with open(out / "detections.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(coco["annotations"])
+    assert rows and "nuclear_chromatin" in rows[0] and "class" in rows[0]
+    assert len(list((out / "overlays").glob("*.png"))) == num_images
+    for ann in coco["annotations"]:
+        image = coco["images"][ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+
+
+def test_checkpoint_reload_gives_identical_outputs(fitted: Path) -> None:
+    ckpt = fitted / "runs/tiny/checkpoints/last.ckpt"
+    model_a = LldModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    model_b = LldModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    images = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        out_a, out_b = model_a(images), model_b(images)
+    for key in ("cls_logits", "box_deltas", "quality_logits"):
+        torch.testing.assert_close(out_a[key], out_b[key], rtol=0, atol=0)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for name, value in model_a.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0)
+    assert model_a.hparams.backbone == "test_resnet"
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from lld_lightning.losses import SparseDetectionLoss
+
+    original = SparseDetectionLoss.forward
+
+    def poisoned(self, outputs, targets):
+        terms = original(self, outputs, targets)
+        terms["box"] = terms["box"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(SparseDetectionLoss, "forward", poisoned)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_args(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite training loss at global step 0" in err and "box=nan" in err
+
+
+def test_data_error_is_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad" / "H_100x_C1"
+    (bad / "images" / "train").mkdir(parents=True)
+    (bad / "labels" / "train").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(bad / "images" / "train" / "a.png")
+    (bad / "labels" / "train" / "a.txt").write_text("1 0.5 0.5 0.2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, "--data.root", str(tmp_path / "bad"),
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lld: data error:" in err and "a.txt:1" in err and "Traceback" not in err
+
+
+DDP_SCRIPT = """
+import json, sys
+from lld_lightning.cli import main
+cli = main(sys.argv[1:])
+rank = cli.trainer.global_rank
+json.dump(cli.model.test_results, open(f"results_rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_gives_same_metrics_on_both_ranks(fitted: Path) -> None:
+    script = fitted / "ddp_test.py"
+    script.write_text(DDP_SCRIPT)
+    command = [
+        sys.executable, str(script), "test", *_args(fitted),
+        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"),
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.limit_test_batches", "2",
+    ]
+    subprocess.run(command, cwd=fitted, check=True, timeout=600, env={**__import__("os").environ,
+                                                                       "PYTHONPATH": str(REPO)})
+    rank0 = json.loads((fitted / "results_rank0.json").read_text())
+    rank1 = json.loads((fitted / "results_rank1.json").read_text())
+    assert rank0 and rank0 == rank1
