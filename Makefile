@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 # Exact pins for the machines we test on (the package itself takes ranges).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark clean
+.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark sparse-study clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ predict: install
 txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) fit --config configs/txl.yaml
 	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/checkpoints/best.ckpt
+
+benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 10 min on 2 CPU cores)
+	$(PY) -m lld_lightning.benchmark $(BENCHMARK_ARGS)
+
+sparse-study: install    ## full / naive / masked / masked+teacher / masked+self-training, writes docs/results/sparse.md
+	$(PY) -m lld_lightning.study $(STUDY_ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -58,7 +58,7 @@ def test_sparse_simulation_fixed_rectangle(tiny_synthetic_full: Path) -> None:
     sparse.setup("fit")
     again = _dm(tiny_synthetic_full, sparse_simulation=0.2, seed=5)
     again.setup("fit")
-    for f, s, a in zip(full.train_set.records, sparse.train_set.records, again.train_set.records):
+    for f, s, a in zip(full.train_set.records, sparse.train_set.records, again.train_set.records, strict=True):
         assert f.image_id == s.image_id
         np.testing.assert_array_equal(s.regions_xyxy, a.regions_xyxy)
         assert s.regions_xyxy.shape == (1, 4)
