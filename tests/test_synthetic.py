@@ -13,6 +13,7 @@ from lld_lightning.constants import IGNORE_INDEX, LLD_CLASSES, LLD_MISSING_ATTRI
 from lld_lightning.data import synthetic_cells as cells
 from lld_lightning.data.synthetic import (
     DEFAULT_DOMAINS,
+    MAX_WHITE_CELLS,
     SyntheticDomain,
     assign_splits,
     generate,
@@ -160,7 +161,7 @@ def test_boxes_lie_inside_the_image_for_every_domain():
     for index, domain in enumerate(DEFAULT_DOMAINS * 3):
         _, record = render_image(index, seed=0, image_size=SIZE, domain=domain)
         boxes = record.boxes_xyxy
-        assert 1 <= record.num_cells <= 6
+        assert 1 <= record.num_cells <= MAX_WHITE_CELLS
         assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2:] <= SIZE)
         assert np.all(boxes[:, 2:] > boxes[:, :2])
         assert record.attributes.shape == (record.num_cells, 7)

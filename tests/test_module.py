@@ -1,0 +1,75 @@
+"""LldModule pieces that need no Trainer: region filtering, the loss sum, optimiser groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lld_lightning.module import LOSS_TERMS, LldModule, keep_inside_regions
+
+
+def _pred(boxes: list[list[float]]) -> dict[str, torch.Tensor]:
+    n = len(boxes)
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+        "scores": torch.linspace(0.9, 0.5, n),
+        "labels": torch.arange(n),
+        "attributes": torch.zeros(n, 7, dtype=torch.int64),
+        "attribute_scores": torch.ones(n, 7),
+    }
+
+
+def test_keep_inside_regions_uses_box_centres() -> None:
+    pred = _pred([[0, 0, 10, 10], [40, 40, 60, 60], [95, 0, 125, 10]])  # centres (5,5) (50,50) (110,5)
+    target = {"regions": torch.tensor([[0.0, 0.0, 100.0, 30.0]])}
+    kept = keep_inside_regions([pred], [target])[0]
+    torch.testing.assert_close(kept["boxes"], pred["boxes"][[0]])
+    assert kept["attributes"].shape == (1, 7) and kept["labels"].tolist() == [0]
+    whole = {"regions": torch.tensor([[0.0, 0.0, 200.0, 200.0]])}
+    assert len(keep_inside_regions([pred], [whole])[0]["boxes"]) == 3
+    two = {"regions": torch.tensor([[0.0, 0.0, 20.0, 20.0], [100.0, 0.0, 120.0, 20.0]])}
+    assert keep_inside_regions([pred], [two])[0]["labels"].tolist() == [0, 2]
+
+
+def test_loss_weights_and_validation() -> None:
+    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1,
+                       loss_weights={"attributes": 0.5})
+    terms = {name: torch.tensor(1.0) for name in LOSS_TERMS}
+    expected = 1.0 + 2.0 + 1.0 + 0.5  # defaults cls 1, box 2, quality 1, attributes overridden
+    assert float(module.weighted_loss(terms)) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        LldModule(backbone="test_resnet", loss_weights={"clss": 1.0})
+    with pytest.raises(ValueError, match="class names"):
+        LldModule(backbone="test_resnet", num_classes=3, class_names=["a", "b"])
+
+
+def test_optimizer_groups_backbone_multiplier_and_no_decay() -> None:
+    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1, lr=0.01,
+                       backbone_lr_mult=0.1, weight_decay=0.05, warmup_steps=2)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    backbone = {id(p) for p in module.detector.backbone.parameters()}
+    seen = 0
+    for group in optimizer.param_groups:
+        in_backbone = {id(p) in backbone for p in group["params"]}
+        assert len(in_backbone) == 1, "a group mixes backbone and head parameters"
+        assert group["initial_lr"] == pytest.approx(0.001 if in_backbone.pop() else 0.01)
+        no_decay = all(p.ndim <= 1 for p in group["params"])
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05)
+        seen += len(group["params"])
+    assert seen == sum(1 for p in module.detector.parameters() if p.requires_grad)
+    # warm-up then cosine down to min_lr_ratio
+    factors = []
+    for _ in range(10):
+        factors.append(scheduler.get_last_lr()[-1] / optimizer.param_groups[-1]["initial_lr"])
+        optimizer.step()
+        scheduler.step()
+    assert factors[0] == pytest.approx(1 / 3) and factors[1] == pytest.approx(2 / 3)
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
+    assert factors[-1] > module.hparams.min_lr_ratio - 1e-9
