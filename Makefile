@@ -43,7 +43,7 @@ test-model: install
 
 predict: install
 	$(LLD) predict --config configs/sparse.yaml --ckpt_path runs/sparse/checkpoints/best.ckpt \
-		--data.predict_root data/synthetic/n1920_s320_seed0_sparse0.2/H_100x_C1/images/test
+		--data.predict_root data/synthetic/n1200_s640_seed0_sparse0.2/H_100x_C1/images/test
 
 txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) fit --config configs/txl.yaml

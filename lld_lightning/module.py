@@ -264,7 +264,10 @@ class LldModule(L.LightningModule):
              "weight_decay": 0.0 if no_decay else h.weight_decay}
             for (is_backbone, no_decay), params in sorted(groups.items())
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=h.lr, weight_decay=h.weight_decay)
+        # One fused kernel for the whole update on a GPU instead of a launch per tensor group.
+        optimizer = torch.optim.AdamW(
+            param_groups, lr=h.lr, weight_decay=h.weight_decay, fused=self.device.type == "cuda"
+        )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(h.warmup_steps, max(0, total_steps - 1))
 

@@ -426,3 +426,39 @@ def test_photometric_ops_are_per_image():
         one_changed += changed[0] != changed[1]
     assert one_changed > 0
     assert math.isfinite(float(out["image"].sum()))
+
+
+def test_region_crop_keeps_native_resolution_and_centres_the_region() -> None:
+    """Training crops: one original pixel = one output pixel, the crop lies on the annotated region."""
+    from lld_lightning.data.sample import collate
+
+    image = torch.zeros(3, 400, 600, dtype=torch.uint8)
+    image[:, 300:340, 450:500] = 200  # the labelled cell, inside the region
+    sample = {
+        "image": image,
+        "boxes": torch.tensor([[450.0, 300.0, 500.0, 340.0]]),
+        "labels": torch.tensor([3]),
+        "attributes": torch.zeros(1, 7, dtype=torch.int64),
+        "regions": torch.tensor([[455.0, 305.0, 495.0, 335.0]]),
+        "domain": "d", "image_id": 0, "path": "x.png",
+    }
+    aug = DeviceAugmentation(image_size=600, train=True, crop_size=128, hflip=0, vflip=0, rot90=0,
+                             scale=(1.0, 1.0), translate=0.0, color_jitter=0, stain_jitter=0,
+                             blur=0, noise=0)
+    for seed in range(5):
+        out = aug(collate([sample]), generator=torch.Generator().manual_seed(seed))
+        assert out["image"].shape == (1, 3, 128, 128)
+        transform = out["transform"][0]
+        torch.testing.assert_close(transform[:2, :2], torch.eye(2))  # native scale, no turn
+        region = out["regions"][0, 0]
+        assert out["region_valid"][0, 0]
+        # the crop centre is a point of the (clipped) region
+        assert region[0] <= 64 <= region[2] and region[1] <= 64 <= region[3]
+        box = out["boxes"][0, 0]
+        assert out["labels"][0, 0] == 3
+        torch.testing.assert_close(box[2:] - box[:2], torch.tensor([50.0, 40.0]))
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        assert out["image"][0, :, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].min() > 0.7  # the cell's pixels
+    # evaluation ignores crop_size
+    eval_aug = DeviceAugmentation(image_size=600, train=False, crop_size=128)
+    assert eval_aug(collate([sample]))["image"].shape == (1, 3, 600, 600)

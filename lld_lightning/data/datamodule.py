@@ -56,6 +56,14 @@ class LldDataModule(L.LightningDataModule):
         attribute_csv, attribute_columns: attributes joined from a CSV (``{name: [values]}``).
         augmentation: keyword arguments of `DeviceAugmentation` for training.
         predict_root: a folder of images (any layout) for ``lld predict``.
+
+    Attributes:
+        teacher_view: when True (set by `lld_lightning.pseudo.PseudoLabeller`), training batches
+            also carry a weak view of the same images for a teacher: the evaluation letterbox,
+            as ``teacher_image`` ``[B, 3, S, S]``, ``teacher_transform`` ``[B, 3, 3]`` and the
+            expert annotation in that view (``teacher_boxes``, ``teacher_labels``,
+            ``teacher_regions``, ``teacher_region_valid``). Boxes map from the teacher's view to
+            the student's with ``transform @ inverse(teacher_transform)``.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class LldDataModule(L.LightningDataModule):
         self.predict_set: LldDataset | None = None
         self.train_augmentation = DeviceAugmentation(image_size=image_size, train=True, **(augmentation or {}))
         self.eval_transform = DeviceAugmentation(image_size=image_size, train=False)
+        self.teacher_view = False
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -188,14 +197,18 @@ class LldDataModule(L.LightningDataModule):
         val = self._select(by_split.get(h.val_split, []), h.val_domains, "val")
         if not val and train:
             train, val = self._hold_out(train, h.val_fraction)
+        hidden: list[ImageRecord] | None = None
         if h.sparse_simulation is not None:
+            # The full annotation stays with the sample (never trained on) to score pseudo-labels.
+            hidden = train
             train = [simulate_sparse(r, h.sparse_simulation, h.seed) for r in train]
         test = self._select(by_split.get(h.test_split, []), h.test_domains, "test")
         if not train and stage in (None, "fit"):
             raise DataError.at(self.data_root, f"no training images in split {h.train_split!r} "
                                f"(domains {h.train_domains or 'all'})")
         build = lambda rs: LldDataset(rs, self.num_attributes, h.max_image_pixels)  # noqa: E731
-        self.train_set, self.val_set = build(train), build(val)
+        self.train_set = LldDataset(train, self.num_attributes, h.max_image_pixels, hidden)
+        self.val_set = build(val)
         self.test_sets = {
             domain: build([r for r in test if r.domain == domain])
             for domain in sorted({r.domain for r in test})
@@ -287,4 +300,9 @@ class LldDataModule(L.LightningDataModule):
         """Augment (training) or letterbox (evaluation) on the device the batch now lives on."""
         training = self.trainer is not None and self.trainer.training
         transform = self.train_augmentation if training else self.eval_transform
-        return transform(batch)
+        out = transform(batch)
+        if training and self.teacher_view:
+            weak = self.eval_transform(batch)
+            for key in ("image", "transform", "boxes", "labels", "regions", "region_valid"):
+                out[f"teacher_{key}"] = weak[key]
+        return out

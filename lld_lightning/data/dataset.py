@@ -20,12 +20,28 @@ class LldDataset(Dataset):
         records: the images of this split (already filtered by domain and made sparse if asked).
         num_attributes: ``A``, the width of the attribute array (used for images without cells).
         max_image_pixels: decode limit; larger images raise `DataError`.
+        hidden_records: the same images fully annotated (one per record, same order), when
+            ``records`` were made sparse by `simulate_sparse`; each sample then also carries the
+            hidden truth as ``hidden_boxes`` float32 ``[H, 4]`` (xyxy, original pixels) and
+            ``hidden_labels`` int64 ``[H]``. Never used for training, only to measure
+            pseudo-labels.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], num_attributes: int, max_image_pixels: int) -> None:
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        num_attributes: int,
+        max_image_pixels: int,
+        hidden_records: Sequence[ImageRecord] | None = None,
+    ) -> None:
         self.records = list(records)
         self.num_attributes = num_attributes
         self.max_image_pixels = max_image_pixels
+        self.hidden_records = list(hidden_records) if hidden_records is not None else None
+        if self.hidden_records is not None and len(self.hidden_records) != len(self.records):
+            raise ValueError(
+                f"{len(self.hidden_records)} hidden records for {len(self.records)} records"
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -42,7 +58,7 @@ class LldDataset(Dataset):
         attributes = torch.from_numpy(record.attributes).long()
         if attributes.numel() == 0:
             attributes = attributes.reshape(record.num_cells, self.num_attributes)
-        return {
+        sample: Sample = {
             "image": image,
             "boxes": torch.from_numpy(record.boxes_xyxy).float().reshape(-1, 4),
             "labels": torch.from_numpy(record.labels).long(),
@@ -52,3 +68,8 @@ class LldDataset(Dataset):
             "image_id": record.image_id,
             "path": str(record.path),
         }
+        if self.hidden_records is not None:
+            hidden = self.hidden_records[index]
+            sample["hidden_boxes"] = torch.from_numpy(hidden.boxes_xyxy).float().reshape(-1, 4)
+            sample["hidden_labels"] = torch.from_numpy(hidden.labels).long()
+        return sample

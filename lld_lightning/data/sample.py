@@ -21,6 +21,10 @@ aligned) and cells/regions to the largest count:
 - ``domain``: list[str]; ``image_id``: int64 ``[B]``; ``path``: list[str].
 
 A cell is real where ``labels >= 0``.
+
+Optional, only when every sample has them (a training set made sparse by ``sparse_simulation``):
+``hidden_boxes`` float32 ``[B, H, 4]`` (original pixels, never transformed) and ``hidden_labels``
+int64 ``[B, H]`` (``IGNORE_INDEX`` = padding), the full annotation the sparse labels came from.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def collate(samples: list[Sample]) -> Batch:
         attributes[i, :n] = sample["attributes"]
         regions[i, :r] = sample["regions"]
         region_valid[i, :r] = True
-    return {
+    batch = {
         "image": images,
         "image_size": torch.tensor(list(zip(heights, widths, strict=True)), dtype=torch.int64),
         "boxes": boxes,
@@ -71,6 +75,21 @@ def collate(samples: list[Sample]) -> Batch:
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "path": [str(s["path"]) for s in samples],
     }
+    if all("hidden_boxes" in s for s in samples):
+        batch.update(_collate_hidden(samples))
+    return batch
+
+
+def _collate_hidden(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Pad the hidden full annotations: ``hidden_boxes [B, H, 4]``, ``hidden_labels [B, H]``."""
+    max_hidden = max(int(s["hidden_labels"].shape[0]) for s in samples)
+    boxes = torch.zeros((len(samples), max_hidden, 4), dtype=torch.float32)
+    labels = torch.full((len(samples), max_hidden), IGNORE_INDEX, dtype=torch.int64)
+    for i, sample in enumerate(samples):
+        n = int(sample["hidden_labels"].shape[0])
+        boxes[i, :n] = sample["hidden_boxes"]
+        labels[i, :n] = sample["hidden_labels"]
+    return {"hidden_boxes": boxes, "hidden_labels": labels}
 
 
 def unbatch_targets(batch: Batch) -> list[dict[str, torch.Tensor]]:

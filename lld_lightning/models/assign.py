@@ -49,8 +49,25 @@ def default_size_ranges(strides: Sequence[int | float]) -> list[tuple[float, flo
     return ranges
 
 
+#: Per-location ranges kept for this many distinct ``strides`` tensors (one per input size).
+_MAX_CACHED_RANGES: int = 8
+_range_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
 def _per_location_ranges(strides: Tensor, size_ranges: SizeRanges | None) -> tuple[Tensor, Tensor]:
-    """``lo, hi`` float ``[P]`` for each location from its level's stride."""
+    """``lo, hi`` float ``[P]`` for each location from its level's stride.
+
+    ``torch.unique`` and ``.tolist()`` force a host sync, so the result is cached per
+    ``strides`` tensor. The detector hands out the same cached ``strides`` object every step; the
+    cache holds a reference to it (so its memory cannot be reused by another tensor) and checks
+    identity and the in-place version counter before reusing an entry.
+    """
+    # Inference tensors (made under `torch.inference_mode`) have no version counter.
+    version = 0 if strides.is_inference() else strides._version
+    key = (id(strides), version, None if size_ranges is None else tuple(size_ranges))
+    cached = _range_cache.get(key)
+    if cached is not None and cached[0] is strides:
+        return cached[1], cached[2]
     unique = torch.unique(strides)  # sorted ascending
     ranges = default_size_ranges(unique.tolist()) if size_ranges is None else list(size_ranges)
     if len(ranges) != unique.numel():
@@ -60,7 +77,11 @@ def _per_location_ranges(strides: Tensor, size_ranges: SizeRanges | None) -> tup
         )
     table = torch.tensor(ranges, dtype=torch.float32, device=strides.device)  # [L, 2]
     level = torch.searchsorted(unique, strides)  # [P], index of each location's level
-    return table[level, 0], table[level, 1]
+    lo, hi = table[level, 0], table[level, 1]
+    if len(_range_cache) >= _MAX_CACHED_RANGES:
+        _range_cache.clear()
+    _range_cache[key] = (strides, lo, hi)
+    return lo, hi
 
 
 def inside_regions(points: Tensor, regions: Tensor, region_valid: Tensor) -> Tensor:
@@ -132,6 +153,7 @@ def assign_locations(
     points = points.float()
     stride = strides.float()
     gt_boxes = gt_boxes.float()
+    # `.float()` of float32 strides is the same object, so the range cache keyed on it hits.
     lo, hi = _per_location_ranges(stride, size_ranges)
 
     matched = torch.full(

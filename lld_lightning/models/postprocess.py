@@ -1,8 +1,8 @@
 """Raw detector outputs -> per-image detections with class, score and attribute read-outs.
 
-Vectorised over the batch: one top-k over ``[B, P * C]``, a threshold mask, one class-aware
-`torchvision.ops.batched_nms` call for the whole batch (group = image * C + class), then a
-split into per-image dicts.
+Vectorised over the batch: one top-k over ``[B, P * C]``, one mask (threshold and box area),
+one class-aware `torchvision.ops.batched_nms` call for the whole batch (group = image * C +
+class), then a split into per-image dicts.
 """
 
 from __future__ import annotations
@@ -74,25 +74,25 @@ def postprocess(
 
     k = min(pre_nms_topk, num_points * num_classes)
     top_scores, top_index = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k]
-    above = top_scores > score_threshold  # [B, k]
-    image_index = torch.arange(batch, device=device).unsqueeze(1).expand(-1, k)[above]  # [N]
-    point_index = torch.div(top_index[above], num_classes, rounding_mode="floor")  # [N]
-    labels = top_index[above] % num_classes  # [N]
-    candidate_scores = top_scores[above]  # [N]
-
-    deltas = outputs["box_deltas"][image_index, point_index].float()  # [N, 4]
-    boxes = decode_boxes(outputs["points"][point_index], outputs["strides"][point_index], deltas)
-    boxes = _clip(boxes, image_size, image_index)
+    top_point = torch.div(top_index, num_classes, rounding_mode="floor")  # [B, k]
+    # Decode all B * k candidates (cheap) so that threshold and area make one mask, one sync.
+    deltas = outputs["box_deltas"].float().gather(1, top_point[..., None].expand(-1, -1, 4))
+    boxes = decode_boxes(
+        outputs["points"][top_point], outputs["strides"][top_point], deltas
+    ).reshape(-1, 4)  # [B * k, 4]
+    all_images = torch.arange(batch, device=device).repeat_interleave(k)  # [B * k]
+    boxes = _clip(boxes, image_size, all_images)
     # Boxes clipped to nothing (predicted from letterbox padding) are not detections.
-    has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # [N]
-    boxes, candidate_scores = boxes[has_area], candidate_scores[has_area]
-    image_index, point_index, labels = (
-        image_index[has_area],
-        point_index[has_area],
-        labels[has_area],
-    )
+    has_area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # [B * k]
+    candidate = (top_scores.reshape(-1) > score_threshold) & has_area
+    selected = candidate.nonzero().squeeze(1)  # [N]
+    boxes, candidate_scores = boxes[selected], top_scores.reshape(-1)[selected]
+    image_index, point_index = all_images[selected], top_point.reshape(-1)[selected]
+    labels = top_index.reshape(-1)[selected] % num_classes  # [N]
 
-    # batched_nms returns indices in descending score order over the whole batch.
+    # Indices in descending score order over the whole batch. torchvision picks the strategy:
+    # one call with groups shifted apart for small inputs, a loop over groups for large ones
+    # (one O(N^2) call over 32,000 candidates measured 15x slower on CPU than the loop).
     kept = batched_nms(boxes, candidate_scores, image_index * num_classes + labels, nms_iou)
     # A stable sort by image keeps the score order inside each image.
     kept = kept[torch.sort(image_index[kept], stable=True).indices]

@@ -1,0 +1,440 @@
+"""The sparse study: does region masking + pseudo-labelling close the gap to full annotation?
+
+``python -m lld_lightning.study`` (``make sparse-study``) trains and tests, per dataset, with one
+seed, steps and test set: full annotation; naive sparse (unlabelled = background); region-masked;
+masked + EMA-teacher pseudo-labels; masked + the reference self-training. Sparse data is simulated
+from the full annotation (`sparse_simulation`, one rectangle per training image). Every run goes
+through ``lld_lightning.cli.main`` in-process (fit, then test with the best checkpoint by
+validation mAP@.5, or the last one) in its own folder under ``--runs-dir``. The command writes the
+Markdown table (``--out``) and a JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TXL_ROOT = REPO.parent / "shared" / "data" / "txl_pbc"
+
+#: Rows of the table, in order: (name, loss mode, pseudo-labeller mode or None, sparse?).
+ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
+    ("full", "masked", None, False),
+    ("naive", "naive", None, True),
+    ("masked", "masked", None, True),
+    ("masked+teacher", "masked", "teacher", True),
+    ("masked+self", "masked", "self", True),
+)
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of the study: a shipped config plus plain ``--key value`` overrides."""
+
+    name: str
+    config: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    """One row of the table."""
+
+    dataset: str
+    fraction: float | None
+    row: str
+    map: float
+    map_50: float
+    attr_f1: float | None
+    steps: int
+    wall_s: float
+    checkpoint: str
+    pseudo: dict[str, float] = field(default_factory=dict)
+
+
+def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
+    """The datasets the study knows, sized by the command-line flags."""
+    common = {
+        "model.backbone": args.backbone,
+        "model.fpn_channels": args.fpn_channels,
+        "data.batch_size": args.batch_size,
+        "data.num_workers": args.num_workers,
+    }
+    if args.quick:
+        # Seconds: the tiny model on a tiny synthetic set (what tests/test_study.py runs).
+        return {
+            "synthetic": DatasetSpec(
+                "synthetic",
+                "configs/tiny.yaml",
+                {
+                    **common,
+                    "data.synthetic_dir": str(Path(args.runs_dir) / "data"),
+                    "data.synthetic_sparse_fraction": 0.0,
+                },
+            )
+        }
+    return {
+        "synthetic": DatasetSpec(
+            "synthetic",
+            "configs/sparse.yaml",
+            {
+                **common,
+                "data.image_size": args.synthetic_image_size,
+                "data.synthetic_images": args.synthetic_images,
+                "data.synthetic_image_size": args.synthetic_field,
+                "data.synthetic_sparse_fraction": 0.0,
+            },
+        ),
+        "txl": DatasetSpec(
+            "txl",
+            "configs/txl.yaml",
+            {
+                **common,
+                "data.root": str(TXL_ROOT),
+                "data.image_size": args.txl_image_size,
+            },
+        ),
+    }
+
+
+def run_config(args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None) -> dict[str, Any]:
+    """The per-run YAML: step budget, validation points, checkpointing and the pseudo-labeller."""
+    val_every = max(1, args.max_steps // max(1, args.validations))
+    callbacks: list[dict[str, Any]] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(run_dir / "checkpoints"),
+                "filename": "best",
+                "monitor": "val/map_50",
+                "mode": "max",
+                "save_last": True,
+                "enable_version_counter": False,
+            },
+        }
+    ]
+    if pseudo_mode is not None:
+        init_args: dict[str, Any] = {
+            "mode": pseudo_mode,
+            "warmup_steps": int(args.pseudo_warmup * args.max_steps),
+        }
+        if pseudo_mode == "teacher":
+            init_args.update(
+                threshold=args.threshold, weight=args.pseudo_weight, ema_decay=args.ema_decay
+            )
+        callbacks.append(
+            {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
+        )
+    trainer: dict[str, Any] = {
+        "max_steps": args.max_steps,
+        "max_epochs": -1,
+        "val_check_interval": val_every,
+        "check_val_every_n_epoch": None,
+        "default_root_dir": str(run_dir),
+        "enable_progress_bar": False,
+        "callbacks": callbacks,
+    }
+    if args.budget_minutes is not None:
+        trainer["max_time"] = {"minutes": args.budget_minutes}
+    if args.quick:
+        trainer.update(limit_val_batches=1, limit_test_batches=2, num_sanity_val_steps=0)
+    return {
+        "seed_everything": args.seed,
+        "trainer": trainer,
+        "model": {"warmup_steps": min(100, max(1, args.max_steps // 10))},
+    }
+
+
+def run_one(
+    args: argparse.Namespace,
+    spec: DatasetSpec,
+    fraction: float | None,
+    row: str,
+    loss_mode: str,
+    pseudo_mode: str | None,
+) -> RunResult:
+    """Fit and test one row in a fresh run folder; returns its metrics."""
+    from lld_lightning.cli import main
+    from lld_lightning.pseudo import PseudoLabeller
+
+    tag = f"{spec.name}/{row}" + (f"_f{fraction}" if fraction is not None else "")
+    run_dir = Path(args.runs_dir) / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    extra = run_dir / "study.yaml"
+    extra.write_text(yaml.safe_dump(run_config(args, run_dir, pseudo_mode), sort_keys=False))
+    overrides = {**spec.overrides, "model.loss_mode": loss_mode, "data.seed": args.seed}
+    if fraction is not None:
+        overrides["data.sparse_simulation"] = fraction
+    cli_args = ["--config", str(REPO / spec.config), "--config", str(extra)]
+    for key, value in overrides.items():
+        cli_args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+
+    print(f"[study] {tag}: fit", flush=True)
+    start = time.perf_counter()
+    fitted = main(["fit", *cli_args])
+    pseudo = {}
+    for callback in fitted.trainer.callbacks:
+        if isinstance(callback, PseudoLabeller):
+            pseudo = callback.summary()
+    steps = int(fitted.trainer.global_step)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    checkpoint = best if best.exists() else run_dir / "checkpoints" / "last.ckpt"
+    tested = main(["test", *cli_args, "--ckpt_path", str(checkpoint)])
+    wall = time.perf_counter() - start
+    results = tested.model.test_results
+    attr_f1 = results.get("all/attr/mean_f1")
+    result = RunResult(
+        dataset=spec.name,
+        fraction=fraction,
+        row=row,
+        map=float(results.get("all/map", float("nan"))),
+        map_50=float(results.get("all/map_50", float("nan"))),
+        attr_f1=float(attr_f1) if attr_f1 is not None and attr_f1 >= 0 else None,
+        steps=steps,
+        wall_s=wall,
+        checkpoint=checkpoint.name,
+        pseudo=pseudo,
+    )
+    print(f"[study] {tag}: mAP@.5 {result.map_50:.4f} in {wall:.0f} s", flush=True)
+    return result
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, str, str | None]]:
+    """Every (dataset, fraction, row, loss mode, pseudo mode) to run, in order."""
+    runs = []
+    for dataset in args.datasets:
+        fractions = args.fractions if dataset == args.fraction_dataset else args.fractions[:1]
+        runs.append((dataset, None, *ROWS[0][:3]))
+        for fraction in fractions:
+            for name, loss_mode, pseudo_mode, sparse in ROWS[1:]:
+                if sparse:
+                    runs.append((dataset, fraction, name, loss_mode, pseudo_mode))
+    if args.rows:
+        runs = [r for r in runs if r[2] in args.rows]
+    return runs
+
+
+def machine() -> str:
+    """CPU model, cores, torch and lightning versions (and the GPU when there is one)."""
+    import lightning
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {cores} cores usable, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, lightning {lightning.__version__}"
+    )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.{digits}f}"
+    )
+
+
+def render(results: list[RunResult], args: argparse.Namespace, command: str, total_s: float) -> str:
+    """The Markdown report: table, findings, command, machine, budget, time, date."""
+    full = {r.dataset: r.map_50 for r in results if r.row == "full"}
+    lines = [
+        "# Sparse study: full vs naive vs region-masked vs pseudo-labels",
+        "",
+        "Generated by `python -m lld_lightning.study` (do not edit by hand). Every row trains from "
+        "scratch with the same seed and step budget and is tested on the same, fully annotated test "
+        "set; sparse rows see one rectangle of the given area fraction per training image "
+        "(`sparse_simulation`). Pseudo-label precision is measured against the hidden full "
+        "annotation during training (see docs/pseudo_labels.md).",
+        "",
+        "| dataset | labelled fraction | row | mAP | mAP@.5 | attr F1 | % of full mAP@.5 "
+        "| pseudo precision | pseudo recall | pseudo/img | steps | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        share = 100 * r.map_50 / full[r.dataset] if full.get(r.dataset) else None
+        lines.append(
+            f"| {r.dataset} | {r.fraction if r.fraction is not None else 1.0} | {r.row} | {_fmt(r.map)} "
+            f"| {_fmt(r.map_50)} | {_fmt(r.attr_f1)} | {_fmt(share, 1)} "
+            f"| {_fmt(r.pseudo.get('pseudo_precision'))} | {_fmt(r.pseudo.get('pseudo_recall'))} "
+            f"| {_fmt(r.pseudo.get('pseudo_per_image'), 2)} | {r.steps} | {r.wall_s:.0f} |"
+        )
+    lines += ["", "## Findings (computed from the table)", ""]
+    lines += findings(results)
+    budget = f"{args.max_steps} optimizer steps per run"
+    if args.budget_minutes is not None:
+        budget += f", at most {args.budget_minutes} min of training per run"
+    lines += [
+        "",
+        "## How it was made",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining); "
+        f"validation {args.validations}x per run for the best checkpoint; pseudo-labels from step "
+        f"{int(args.pseudo_warmup * args.max_steps)}; teacher threshold {args.threshold}, weight "
+        f"{args.pseudo_weight}, EMA decay {args.ema_decay}; self-training 0.95 / 0.1.",
+        f"- Total time: {total_s / 60:.1f} min; date: {dt.datetime.now().isoformat(timespec='minutes')}",
+        f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def findings(results: list[RunResult]) -> list[str]:
+    """Plain sentences comparing rows, per dataset and fraction."""
+    out = []
+    index = {(r.dataset, r.fraction, r.row): r for r in results}
+    for dataset in dict.fromkeys(r.dataset for r in results):
+        full = index.get((dataset, None, "full"))
+        for fraction in dict.fromkeys(
+            r.fraction for r in results if r.dataset == dataset and r.fraction
+        ):
+            naive, masked, teacher, selft = (
+                index.get((dataset, fraction, row))
+                for row in ("naive", "masked", "masked+teacher", "masked+self")
+            )
+            head = f"- {dataset}, fraction {fraction}:"
+            if naive and masked:
+                verdict = "beats" if masked.map_50 > naive.map_50 else "does NOT beat"
+                out.append(
+                    f"{head} region-masked {verdict} naive sparse "
+                    f"(mAP@.5 {masked.map_50:.3f} vs {naive.map_50:.3f})."
+                )
+            for name, row in (("EMA teacher", teacher), ("self-training", selft)):
+                if row and masked:
+                    delta = row.map_50 - masked.map_50
+                    share = (
+                        f", {100 * row.map_50 / full.map_50:.1f}% of full"
+                        if full and full.map_50
+                        else ""
+                    )
+                    out.append(
+                        f"{head} masked + {name}: mAP@.5 {row.map_50:.3f} ({delta:+.3f} vs masked{share}); "
+                        f"{_fmt(row.pseudo.get('pseudo_per_image'), 2)} pseudo-labels/image at precision "
+                        f"{_fmt(row.pseudo.get('pseudo_precision'))}, recall {_fmt(row.pseudo.get('pseudo_recall'))}"
+                        + (" - pseudo-labels did not help at this budget." if delta <= 0 else ".")
+                    )
+    return out or ["- (no comparable rows)"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lld_lightning.study", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", default=["synthetic", "txl"], choices=["synthetic", "txl"]
+    )
+    parser.add_argument(
+        "--fractions",
+        nargs="+",
+        type=float,
+        default=[0.2, 0.1],
+        help="labelled area fractions; the first for every dataset, all for --fraction-dataset",
+    )
+    parser.add_argument(
+        "--fraction-dataset", default="synthetic", help="the dataset that gets every fraction"
+    )
+    parser.add_argument(
+        "--rows", nargs="+", choices=[r[0] for r in ROWS], help="run only these rows"
+    )
+    parser.add_argument("--max-steps", type=int, default=240, help="optimizer steps per run")
+    parser.add_argument(
+        "--budget-minutes", type=float, help="also stop each fit after this many minutes"
+    )
+    parser.add_argument(
+        "--validations", type=int, default=2, help="validations per run (best checkpoint)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--fpn-channels", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--synthetic-images", type=int, default=480)
+    parser.add_argument(
+        "--synthetic-field", type=int, default=320, help="synthetic image side (pixels)"
+    )
+    parser.add_argument(
+        "--synthetic-image-size", type=int, default=256, help="model input side, synthetic"
+    )
+    parser.add_argument("--txl-image-size", type=int, default=256, help="model input side, TXL-PBC")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="teacher pseudo-label score threshold"
+    )
+    parser.add_argument(
+        "--pseudo-weight", type=float, default=1.0, help="teacher pseudo-label loss weight"
+    )
+    parser.add_argument(
+        "--pseudo-warmup", type=float, default=0.5, help="warm-up, fraction of --max-steps"
+    )
+    parser.add_argument("--ema-decay", type=float, default=0.98)
+    parser.add_argument("--runs-dir", default="runs/study")
+    parser.add_argument("--out", default="docs/results/sparse.md")
+    parser.add_argument("--quick", action="store_true", help="seconds: tiny model and data (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.fractions, args.max_steps, args.validations = (
+            ["synthetic"],
+            args.fractions[:1],
+            2,
+            1,
+        )
+        args.pseudo_warmup, args.backbone, args.fpn_channels = 0.5, "test_resnet", 32
+        args.batch_size, args.num_workers = 2, 0
+    if "txl" in args.datasets and not TXL_ROOT.exists():
+        parser.error(f"TXL-PBC not found at {TXL_ROOT}; drop it with --datasets synthetic")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[RunResult]:
+    """Run the study and write ``--out`` (Markdown) and its ``.json``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    command = "python -m lld_lightning.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    specs = dataset_specs(args)
+    start = time.perf_counter()
+    results = [
+        run_one(args, specs[dataset], fraction, row, loss_mode, pseudo_mode)
+        for dataset, fraction, row, loss_mode, pseudo_mode in plan(args)
+    ]
+    total = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, args, command, total))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "machine": machine(),
+                "total_s": total,
+                "args": vars(args),
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
+    print(f"[study] wrote {out} and {out.with_suffix('.json')} ({total / 60:.1f} min)", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

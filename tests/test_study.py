@@ -1,0 +1,69 @@
+"""The sparse study runner, on the tiny model and data (`--quick`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lld_lightning import study
+
+
+def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
+    args = study.parse_args(["--datasets", "synthetic", "--fractions", "0.2", "0.1"])
+    runs = [(dataset, fraction, row) for dataset, fraction, row, _, _ in study.plan(args)]
+    assert runs == [
+        ("synthetic", None, "full"),
+        ("synthetic", 0.2, "naive"),
+        ("synthetic", 0.2, "masked"),
+        ("synthetic", 0.2, "masked+teacher"),
+        ("synthetic", 0.2, "masked+self"),
+        ("synthetic", 0.1, "naive"),
+        ("synthetic", 0.1, "masked"),
+        ("synthetic", 0.1, "masked+teacher"),
+        ("synthetic", 0.1, "masked+self"),
+    ]
+    config = study.run_config(args, Path("run"), "self")
+    labeller = config["trainer"]["callbacks"][-1]["init_args"]
+    assert labeller == {"mode": "self", "warmup_steps": 120}  # the reference's own 0.95 / 0.1
+
+
+def test_findings_compare_rows() -> None:
+    def row(name: str, map_50: float, fraction: float | None = 0.2) -> study.RunResult:
+        return study.RunResult(
+            "d",
+            fraction,
+            name,
+            map_50 / 2,
+            map_50,
+            None,
+            10,
+            1.0,
+            "best.ckpt",
+            {"pseudo_precision": 0.5} if "+" in name else {},
+        )
+
+    lines = study.findings(
+        [row("full", 0.8, None), row("naive", 0.4), row("masked", 0.6), row("masked+teacher", 0.76)]
+    )
+    assert (
+        lines[0] == "- d, fraction 0.2: region-masked beats naive sparse (mAP@.5 0.600 vs 0.400)."
+    )
+    assert "+0.160 vs masked, 95.0% of full" in lines[1] and "precision 0.500" in lines[1]
+
+
+@pytest.mark.slow
+def test_quick_study_writes_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sparse.md"
+    results = study.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    assert [r.row for r in results] == ["full", "naive", "masked", "masked+teacher", "masked+self"]
+    text = out.read_text()
+    assert (
+        "| synthetic | 0.2 | masked+teacher |" in text
+        and "Command: `python -m lld_lightning.study" in text
+    )
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["results"]) == 5 and all(0.0 <= r["map_50"] <= 1.0 for r in data["results"])
+    assert "teacher" in (tmp_path / "runs/synthetic/masked+teacher_f0.2/study.yaml").read_text()
