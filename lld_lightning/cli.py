@@ -29,6 +29,13 @@ class LldCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            # The module prints its own per-domain table; Lightning's would list every logged key.
+            parser.set_defaults({"verbose": False})
+        return parser
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         root = config.get("default_root_dir") or "runs/default"
         if config.get("logger") in (None, True):

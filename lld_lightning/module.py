@@ -221,16 +221,18 @@ class LldModule(L.LightningModule):
         return results
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        results = self._log_metrics(self.val_metrics, "val")
+        if self.trainer.state.fn == "validate":  # `lld validate`: show the table; during fit the logs do
+            self._print_table(results, self.val_metrics.domains, "lld validate: per-domain results")
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_metrics(self.test_metrics, "test")
-        self._print_test_table()
+        self._print_table(self.test_results, self.test_metrics.domains, "lld test: per-domain results")
 
     @rank_zero_only
-    def _print_test_table(self) -> None:
-        domains = [d for d in self.test_metrics.domains if f"{d}/map" in self.test_results]
-        Console().print(render_metrics_table(self.test_results, domains, title="lld test: per-domain results"))
+    def _print_table(self, results: dict[str, float], domains: list[str], title: str) -> None:
+        shown = [d for d in domains if f"{d}/map" in results]
+        Console().print(render_metrics_table(results, shown, title=title))
 
     # ----------------------------------------------------------------------------- predict
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:

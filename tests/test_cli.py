@@ -61,7 +61,9 @@ def test_validate_and_test_print_per_domain_table(fitted: Path, monkeypatch: pyt
         assert 0.0 <= results[f"{domain}/map_50"] <= 1.0
     assert "all/map" in results
     out = capsys.readouterr().out
-    assert "per-domain" in out and all(d in out for d in domains)
+    assert "lld validate: per-domain results" in out and "lld test: per-domain results" in out
+    assert all(d in out for d in domains)
+    assert "Test metric" not in out  # Lightning's own key-by-key table is off by default
 
 
 def test_predict_writes_json_csv_and_overlays(fitted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
