@@ -54,6 +54,8 @@ class LldModule(L.LightningModule):
         out_indices: backbone stages fed to the feature pyramid.
         fpn_channels: channels of the feature pyramid and heads.
         head_convs: convolutions per head tower.
+        attribute_convs: convolutions of an attribute tower of its own (0 = attributes read the
+            classification tower).
         loss_mode: ``masked`` ignores everything outside the annotated regions; ``naive`` treats
             it as background (the baseline).
         loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``).
@@ -80,6 +82,7 @@ class LldModule(L.LightningModule):
         out_indices: list[int] | None = None,
         fpn_channels: int = 128,
         head_convs: int = 2,
+        attribute_convs: int = 0,
         loss_mode: Literal["masked", "naive"] = "masked",
         loss_weights: dict[str, float] | None = None,
         box_loss: Literal["giou", "diou", "ciou"] = "giou",
@@ -121,6 +124,7 @@ class LldModule(L.LightningModule):
             out_indices=tuple(out_indices),
             fpn_channels=fpn_channels,
             head_convs=head_convs,
+            attribute_convs=attribute_convs,
             pretrained_file=pretrained_file,
         )
         if channels_last:

@@ -112,6 +112,10 @@ class DomainMetrics(nn.Module):
                 for key in self._keys.values()
             }
         )
+        for metric in self.detection.values():
+            # COCO's protocol scores the 100 best detections per image; crowded fields (dozens of
+            # red cells) legitimately send more, which is not worth a warning every evaluation.
+            metric.warn_on_many_detections = False
         self.attributes: nn.ModuleDict | None = None
         if self.attribute_spec:
             self.attributes = nn.ModuleDict(
