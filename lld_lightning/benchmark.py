@@ -55,6 +55,7 @@ from lld_lightning.benchmark_fcos import (
 )
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.sample import unbatch_targets
+from lld_lightning.machine import cpu_model
 from lld_lightning.metrics import DomainMetrics
 from lld_lightning.module import LldModule, keep_inside_regions
 
@@ -444,17 +445,10 @@ def _autocast(device: torch.device, settings: Settings) -> Callable[[], Any]:
 
 # ----------------------------------------------------------------------------------- record
 def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "host": platform.node(),
-        "cpu": cpu_model,
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from lld_lightning.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 TXL_ROOT = REPO.parent / "shared" / "data" / "txl_pbc"
 
@@ -231,14 +233,7 @@ def machine() -> str:
     import lightning
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
