@@ -62,5 +62,14 @@ def main(args: list[str] | None = None) -> LldCLI:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``lld`` command: `main` without its return value.
+
+    A console script passes whatever its function returns to `sys.exit`, which turns a returned
+    object into exit status 1; the command must end with 0 after a successful run.
+    """
     main()
+
+
+if __name__ == "__main__":
+    console()

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import nms
 
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 
@@ -44,13 +45,24 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: where to write; ``None`` = ``<trainer.default_root_dir>/predictions``.
         overlays: draw one PNG per image.
         min_score: cells below this score are not written.
+        cell_iou: one class per cell: of detections overlapping at IoU above this (whatever their
+            class) only the highest-scoring one is written. The model's post-processing keeps one
+            detection per (cell, class) hypothesis, which COCO mAP wants but a reader does not;
+            ``None`` writes every hypothesis.
     """
 
-    def __init__(self, output_dir: str | None = None, overlays: bool = True, min_score: float = 0.3) -> None:
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        overlays: bool = True,
+        min_score: float = 0.3,
+        cell_iou: float | None = 0.5,
+    ) -> None:
         super().__init__(write_interval="epoch")
         self.output_dir = output_dir
         self.overlays = overlays
         self.min_score = min_score
+        self.cell_iou = cell_iou
 
     def _folder(self, trainer: L.Trainer) -> Path:
         folder = Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "predictions"
@@ -75,8 +87,11 @@ class PredictionWriter(BasePredictionWriter):
         }
         rows = []
         for image_id, pred in enumerate(images):
-            keep = pred["scores"] >= self.min_score
-            cells = {k: v[keep] for k, v in pred.items() if hasattr(v, "shape") and v.shape[:1] == keep.shape}
+            keep = (pred["scores"] >= self.min_score).nonzero(as_tuple=True)[0]
+            if self.cell_iou is not None and keep.numel():
+                # nms returns indices by decreasing score: the written order stays score order.
+                keep = keep[nms(pred["boxes"][keep].float(), pred["scores"][keep].float(), self.cell_iou)]
+            cells = {k: v[keep] for k, v in pred.items() if hasattr(v, "shape") and v.shape[:1] == pred["scores"].shape}
             coco["images"].append({"id": image_id, "file_name": str(pred["path"]), "width": pred["width"],
                                    "height": pred["height"], "domain": pred["domain"]})
             for j in range(len(cells["scores"])):

@@ -43,11 +43,12 @@ ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
 
 @dataclass
 class DatasetSpec:
-    """One dataset of the study: a shipped config plus plain ``--key value`` overrides."""
+    """One dataset of the study: a shipped config, plain ``--key value`` overrides, step budget."""
 
     name: str
     config: str
     overrides: dict[str, Any]
+    max_steps: int
 
 
 @dataclass
@@ -85,8 +86,14 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
                     "data.synthetic_dir": str(Path(args.runs_dir) / "data"),
                     "data.synthetic_sparse_fraction": 0.0,
                 },
+                args.max_steps,
             )
         }
+    # The study letterboxes whole fields (no region-centred crops): whether the unlabelled part of
+    # the field is ignored, called background or pseudo-labelled only matters if the model sees it.
+    with open(REPO / "configs" / "sparse.yaml") as f:
+        augmentation = dict(yaml.safe_load(f)["data"]["augmentation"])
+    augmentation.pop("crop_size", None)
     return {
         "synthetic": DatasetSpec(
             "synthetic",
@@ -97,7 +104,9 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
                 "data.synthetic_images": args.synthetic_images,
                 "data.synthetic_image_size": args.synthetic_field,
                 "data.synthetic_sparse_fraction": 0.0,
+                "data.augmentation": augmentation,
             },
+            args.synthetic_steps if args.max_steps is None else args.max_steps,
         ),
         "txl": DatasetSpec(
             "txl",
@@ -107,13 +116,16 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
                 "data.root": str(TXL_ROOT),
                 "data.image_size": args.txl_image_size,
             },
+            args.txl_steps if args.max_steps is None else args.max_steps,
         ),
     }
 
 
-def run_config(args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None) -> dict[str, Any]:
+def run_config(
+    args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None, max_steps: int
+) -> dict[str, Any]:
     """The per-run YAML: step budget, validation points, checkpointing and the pseudo-labeller."""
-    val_every = max(1, args.max_steps // max(1, args.validations))
+    val_every = max(1, max_steps // max(1, args.validations))
     callbacks: list[dict[str, Any]] = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -130,7 +142,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None)
     if pseudo_mode is not None:
         init_args: dict[str, Any] = {
             "mode": pseudo_mode,
-            "warmup_steps": int(args.pseudo_warmup * args.max_steps),
+            "warmup_steps": int(args.pseudo_warmup * max_steps),
         }
         if pseudo_mode == "teacher":
             init_args.update(
@@ -140,7 +152,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None)
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
         )
     trainer: dict[str, Any] = {
-        "max_steps": args.max_steps,
+        "max_steps": max_steps,
         "max_epochs": -1,
         "val_check_interval": val_every,
         "check_val_every_n_epoch": None,
@@ -155,7 +167,7 @@ def run_config(args: argparse.Namespace, run_dir: Path, pseudo_mode: str | None)
     return {
         "seed_everything": args.seed,
         "trainer": trainer,
-        "model": {"warmup_steps": min(100, max(1, args.max_steps // 10))},
+        "model": {"warmup_steps": min(100, max(1, max_steps // 10))},
     }
 
 
@@ -175,7 +187,8 @@ def run_one(
     run_dir = Path(args.runs_dir) / tag
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = run_dir / "study.yaml"
-    extra.write_text(yaml.safe_dump(run_config(args, run_dir, pseudo_mode), sort_keys=False))
+    config = run_config(args, run_dir, pseudo_mode, spec.max_steps)
+    extra.write_text(yaml.safe_dump(config, sort_keys=False))
     overrides = {**spec.overrides, "model.loss_mode": loss_mode, "data.seed": args.seed}
     if fraction is not None:
         overrides["data.sparse_simulation"] = fraction
@@ -276,7 +289,9 @@ def render(results: list[RunResult], args: argparse.Namespace, command: str, tot
         )
     lines += ["", "## Findings (computed from the table)", ""]
     lines += findings(results)
-    budget = f"{args.max_steps} optimizer steps per run"
+    specs = dataset_specs(args)
+    steps = {name: specs[name].max_steps for name in dict.fromkeys(r.dataset for r in results)}
+    budget = "optimizer steps per run: " + ", ".join(f"{k} {v}" for k, v in steps.items())
     if args.budget_minutes is not None:
         budget += f", at most {args.budget_minutes} min of training per run"
     lines += [
@@ -286,8 +301,8 @@ def render(results: list[RunResult], args: argparse.Namespace, command: str, tot
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining); "
-        f"validation {args.validations}x per run for the best checkpoint; pseudo-labels from step "
-        f"{int(args.pseudo_warmup * args.max_steps)}; teacher threshold {args.threshold}, weight "
+        f"validation {args.validations}x per run for the best checkpoint; pseudo-labels after "
+        f"{args.pseudo_warmup:.0%} of the steps; teacher threshold {args.threshold}, weight "
         f"{args.pseudo_weight}, EMA decay {args.ema_decay}; self-training 0.95 / 0.1.",
         f"- Total time: {total_s / 60:.1f} min; date: {dt.datetime.now().isoformat(timespec='minutes')}",
         f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
@@ -347,12 +362,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="labelled area fractions; the first for every dataset, all for --fraction-dataset",
     )
     parser.add_argument(
-        "--fraction-dataset", default="synthetic", help="the dataset that gets every fraction"
+        "--fraction-dataset", default="txl", help="the dataset that gets every fraction"
     )
     parser.add_argument(
         "--rows", nargs="+", choices=[r[0] for r in ROWS], help="run only these rows"
     )
-    parser.add_argument("--max-steps", type=int, default=240, help="optimizer steps per run")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="optimizer steps per run for every dataset (overrides the next two)",
+    )
+    parser.add_argument(
+        "--synthetic-steps", type=int, default=300, help="optimizer steps per synthetic run"
+    )
+    parser.add_argument(
+        "--txl-steps", type=int, default=400, help="optimizer steps per TXL-PBC run"
+    )
     parser.add_argument(
         "--budget-minutes", type=float, help="also stop each fit after this many minutes"
     )
@@ -364,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--synthetic-images", type=int, default=480)
+    parser.add_argument("--synthetic-images", type=int, default=960)
     parser.add_argument(
         "--synthetic-field", type=int, default=320, help="synthetic image side (pixels)"
     )
@@ -373,10 +398,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--txl-image-size", type=int, default=256, help="model input side, TXL-PBC")
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="teacher pseudo-label score threshold"
+        "--threshold", type=float, default=0.6, help="teacher pseudo-label score threshold"
     )
     parser.add_argument(
-        "--pseudo-weight", type=float, default=1.0, help="teacher pseudo-label loss weight"
+        "--pseudo-weight", type=float, default=0.5, help="teacher pseudo-label loss weight"
     )
     parser.add_argument(
         "--pseudo-warmup", type=float, default=0.5, help="warm-up, fraction of --max-steps"

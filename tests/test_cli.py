@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from lld_lightning.cli import main
 from lld_lightning.module import LldModule
@@ -87,6 +88,13 @@ def test_predict_writes_json_csv_and_overlays(fitted: Path, monkeypatch: pytest.
         image = coco["images"][ann["image_id"]]
         x, y, w, h = ann["bbox"]
         assert 0 <= x and 0 <= y and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+    # One class per cell: no two written cells of an image overlap above cell_iou (0.5).
+    for image in coco["images"]:
+        boxes = torch.tensor([a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"]])
+        if len(boxes) > 1:
+            xyxy = torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+            iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
+            assert float(iou.max()) <= 0.5 + 1e-4
 
 
 def test_checkpoint_reload_gives_identical_outputs(fitted: Path) -> None:
@@ -164,3 +172,19 @@ def test_two_process_cpu_ddp_gives_same_metrics_on_both_ranks(fitted: Path) -> N
     rank0 = json.loads((fitted / "results_rank0.json").read_text())
     rank1 = json.loads((fitted / "results_rank1.json").read_text())
     assert rank0 and rank0 == rank1
+
+
+def test_lld_command_exits_with_status_zero(fitted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console script passes its function's return value to sys.exit: it must be None."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["lld"]
+    module_name, function_name = target.split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    monkeypatch.chdir(fitted)
+    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    monkeypatch.setattr(sys, "argv", ["lld", "validate", *_args(fitted), "--ckpt_path", ckpt])
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(command())
+    assert exit_info.value.code in (None, 0)

@@ -11,7 +11,9 @@ from lld_lightning import study
 
 
 def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
-    args = study.parse_args(["--datasets", "synthetic", "--fractions", "0.2", "0.1"])
+    args = study.parse_args(
+        ["--datasets", "synthetic", "--fractions", "0.2", "0.1", "--fraction-dataset", "synthetic"]
+    )
     runs = [(dataset, fraction, row) for dataset, fraction, row, _, _ in study.plan(args)]
     assert runs == [
         ("synthetic", None, "full"),
@@ -24,7 +26,7 @@ def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
         ("synthetic", 0.1, "masked+teacher"),
         ("synthetic", 0.1, "masked+self"),
     ]
-    config = study.run_config(args, Path("run"), "self")
+    config = study.run_config(args, Path("run"), "self", 240)
     labeller = config["trainer"]["callbacks"][-1]["init_args"]
     assert labeller == {"mode": "self", "warmup_steps": 120}  # the reference's own 0.95 / 0.1
 
@@ -67,3 +69,14 @@ def test_quick_study_writes_table_and_json(tmp_path: Path, monkeypatch: pytest.M
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["results"]) == 5 and all(0.0 <= r["map_50"] <= 1.0 for r in data["results"])
     assert "teacher" in (tmp_path / "runs/synthetic/masked+teacher_f0.2/study.yaml").read_text()
+
+
+def test_steps_per_dataset_and_whole_field_synthetic() -> None:
+    args = study.parse_args(["--datasets", "synthetic", "--synthetic-steps", "7"])
+    spec = study.dataset_specs(args)["synthetic"]
+    assert spec.max_steps == 7
+    assert "crop_size" not in spec.overrides["data.augmentation"]  # the model sees whole fields
+    args = study.parse_args(["--datasets", "synthetic", "--max-steps", "5"])
+    assert study.dataset_specs(args)["synthetic"].max_steps == 5
+    config = study.run_config(args, Path("run"), "teacher", 5)
+    assert config["trainer"]["max_steps"] == 5
