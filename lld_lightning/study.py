@@ -263,7 +263,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     )
 
 
-def render(results: list[RunResult], args: argparse.Namespace, command: str, total_s: float) -> str:
+def render(
+    results: list[RunResult],
+    args: argparse.Namespace,
+    command: str,
+    total_s: float,
+    machine_text: str | None = None,
+    date: str | None = None,
+) -> str:
     """The Markdown report: table, findings, command, machine, budget, time, date."""
     full = {r.dataset: r.map_50 for r in results if r.row == "full"}
     lines = [
@@ -299,15 +306,36 @@ def render(results: list[RunResult], args: argparse.Namespace, command: str, tot
         "## How it was made",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {machine()}",
+        f"- Machine: {machine_text or machine()}",
         f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining); "
         f"validation {args.validations}x per run for the best checkpoint; pseudo-labels after "
         f"{args.pseudo_warmup:.0%} of the steps; teacher threshold {args.threshold}, weight "
         f"{args.pseudo_weight}, EMA decay {args.ema_decay}; self-training 0.95 / 0.1.",
-        f"- Total time: {total_s / 60:.1f} min; date: {dt.datetime.now().isoformat(timespec='minutes')}",
+        f"- Total time: {total_s / 60:.1f} min; date: "
+        f"{date or dt.datetime.now().isoformat(timespec='minutes')}",
         f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def why_no_gain(row: RunResult) -> str:
+    """One sentence from a pseudo-label row's own measurements on why it did not beat masked."""
+    per_image = row.pseudo.get("pseudo_per_image", float("nan"))
+    precision = row.pseudo.get("pseudo_precision", float("nan"))
+    recall = row.pseudo.get("pseudo_recall", float("nan"))
+    if math.isnan(per_image) or per_image == 0:
+        return (
+            "no detection passed the score threshold, so no pseudo-label was ever added and the "
+            "row trains exactly like masked."
+        )
+    if math.isnan(precision):
+        return f"{per_image:.2f} pseudo-labels per image, precision unknown (no hidden annotation)."
+    return (
+        f"{1 - precision:.0%} of its {per_image:.1f} pseudo-labels per image matched no hidden cell "
+        f"of their class (precision {precision:.2f}) while they recovered {recall:.0%} of the hidden "
+        "cells outside the regions: at this budget the teacher's errors cost more than its finds "
+        "add (see docs/pseudo_labels.md)."
+    )
 
 
 def findings(results: list[RunResult]) -> list[str]:
@@ -344,6 +372,8 @@ def findings(results: list[RunResult]) -> list[str]:
                         f"{_fmt(row.pseudo.get('pseudo_precision'))}, recall {_fmt(row.pseudo.get('pseudo_recall'))}"
                         + (" - pseudo-labels did not help at this budget." if delta <= 0 else ".")
                     )
+                    if row and masked and delta <= 0:
+                        out.append(f"{head} why ({name}): {why_no_gain(row)}")
     return out or ["- (no comparable rows)"]
 
 
@@ -373,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="optimizer steps per run for every dataset (overrides the next two)",
     )
     parser.add_argument(
-        "--synthetic-steps", type=int, default=300, help="optimizer steps per synthetic run"
+        "--synthetic-steps", type=int, default=600, help="optimizer steps per synthetic run"
     )
     parser.add_argument(
         "--txl-steps", type=int, default=400, help="optimizer steps per TXL-PBC run"
@@ -410,7 +440,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="runs/study")
     parser.add_argument("--out", default="docs/results/sparse.md")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny model and data (tests)")
+    parser.add_argument(
+        "--render-from",
+        metavar="JSON",
+        help="train nothing: rewrite --out from a study's JSON (its command, machine and numbers)",
+    )
     args = parser.parse_args(argv)
+    if args.render_from:
+        return args
     if args.quick:
         args.datasets, args.fractions, args.max_steps, args.validations = (
             ["synthetic"],
@@ -425,10 +462,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rerender(source: Path, out: Path) -> list[RunResult]:
+    """Rewrite the Markdown report from a study's JSON (e.g. after the findings text changed)."""
+    record = json.loads(source.read_text())
+    results = [RunResult(**r) for r in record["results"]]
+    date = record.get("date") or dt.datetime.fromtimestamp(source.stat().st_mtime).isoformat(
+        timespec="minutes"
+    )
+    args = argparse.Namespace(**record["args"])
+    text = render(results, args, record["command"], record["total_s"], record["machine"], date)
+    out.write_text(text)
+    print(f"[study] rewrote {out} from {source}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[RunResult]:
     """Run the study and write ``--out`` (Markdown) and its ``.json``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    if args.render_from:
+        return rerender(Path(args.render_from), Path(args.out))
     command = "python -m lld_lightning.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     specs = dataset_specs(args)
     start = time.perf_counter()
@@ -445,6 +498,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
             {
                 "command": command,
                 "machine": machine(),
+                "date": dt.datetime.now().isoformat(timespec="minutes"),
                 "total_s": total,
                 "args": vars(args),
                 "results": [asdict(r) for r in results],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,37 @@ def test_steps_per_dataset_and_whole_field_synthetic() -> None:
     assert study.dataset_specs(args)["synthetic"].max_steps == 5
     config = study.run_config(args, Path("run"), "teacher", 5)
     assert config["trainer"]["max_steps"] == 5
+
+
+def test_rerender_from_json_explains_rows_without_gain(tmp_path: Path) -> None:
+    args = study.parse_args(["--datasets", "synthetic", "--synthetic-steps", "9"])
+
+    def row(name: str, map_50: float, fraction: float | None, pseudo: dict) -> dict:
+        result = study.RunResult("synthetic", fraction, name, map_50 / 2, map_50, 0.7, 9, 1.0,
+                                 "best.ckpt", pseudo)
+        return asdict(result)
+
+    record = {
+        "command": "python -m lld_lightning.study --synthetic-steps 9",
+        "machine": "test machine",
+        "date": "2026-01-02T03:04",
+        "total_s": 60.0,
+        "args": vars(args),
+        "results": [
+            row("full", 0.8, None, {}),
+            row("naive", 0.4, 0.2, {}),
+            row("masked", 0.6, 0.2, {}),
+            row("masked+teacher", 0.5, 0.2,
+                {"pseudo_per_image": 4.0, "pseudo_precision": 0.75, "pseudo_recall": 0.5}),
+            row("masked+self", 0.6, 0.2, {"pseudo_per_image": 0.0}),
+        ],
+    }
+    source = tmp_path / "study.json"
+    source.write_text(json.dumps(record))
+    out = tmp_path / "sparse.md"
+    study.main(["--render-from", str(source), "--out", str(out)])
+    text = out.read_text()
+    assert "test machine" in text and "2026-01-02T03:04" in text and "synthetic 9" in text
+    assert "why (EMA teacher): 25% of its 4.0 pseudo-labels per image" in text
+    assert "recovered 50% of the hidden cells" in text
+    assert "why (self-training): no detection passed the score threshold" in text
