@@ -318,6 +318,10 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+#: Pseudo-label precision from which a row that did not help is explained by redundancy, not errors.
+PRECISE: float = 0.8
+
+
 def why_no_gain(row: RunResult) -> str:
     """One sentence from a pseudo-label row's own measurements on why it did not beat masked."""
     per_image = row.pseudo.get("pseudo_per_image", float("nan"))
@@ -330,11 +334,19 @@ def why_no_gain(row: RunResult) -> str:
         )
     if math.isnan(precision):
         return f"{per_image:.2f} pseudo-labels per image, precision unknown (no hidden annotation)."
+    found = (
+        f"{per_image:.1f} pseudo-labels per image at precision {precision:.2f} recovered "
+        f"{recall:.0%} of the hidden cells outside the regions"
+    )
+    if precision >= PRECISE:
+        return (
+            f"{found}: they were right, but they are the cells the model already finds with "
+            "confidence, so in the steps they were active they added little new signal "
+            "(see docs/pseudo_labels.md)."
+        )
     return (
-        f"{1 - precision:.0%} of its {per_image:.1f} pseudo-labels per image matched no hidden cell "
-        f"of their class (precision {precision:.2f}) while they recovered {recall:.0%} of the hidden "
-        "cells outside the regions: at this budget the teacher's errors cost more than its finds "
-        "add (see docs/pseudo_labels.md)."
+        f"{found}, and {1 - precision:.0%} of them matched no hidden cell of their class: at this "
+        "budget the teacher's errors cost more than its finds add (see docs/pseudo_labels.md)."
     )
 
 

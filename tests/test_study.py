@@ -112,6 +112,15 @@ def test_rerender_from_json_explains_rows_without_gain(tmp_path: Path) -> None:
     study.main(["--render-from", str(source), "--out", str(out)])
     text = out.read_text()
     assert "test machine" in text and "2026-01-02T03:04" in text and "synthetic 9" in text
-    assert "why (EMA teacher): 25% of its 4.0 pseudo-labels per image" in text
-    assert "recovered 50% of the hidden cells" in text
+    assert "why (EMA teacher): 4.0 pseudo-labels per image at precision 0.75 recovered 50%" in text
+    assert "and 25% of them matched no hidden cell of their class" in text
     assert "why (self-training): no detection passed the score threshold" in text
+
+
+def test_why_no_gain_tells_errors_from_redundancy() -> None:
+    def row(precision: float) -> study.RunResult:
+        pseudo = {"pseudo_per_image": 7.6, "pseudo_precision": precision, "pseudo_recall": 0.46}
+        return study.RunResult("txl", 0.2, "masked+teacher", 0.3, 0.58, None, 400, 1.0, "b", pseudo)
+
+    assert "already finds" in study.why_no_gain(row(0.95))
+    assert "errors cost more" in study.why_no_gain(row(0.4))
