@@ -15,14 +15,18 @@ from lld_lightning.data.sample import Batch, unbatch_targets
 from lld_lightning.data.transforms import invert_boxes
 from lld_lightning.losses import SparseDetectionLoss
 from lld_lightning.metrics import DomainMetrics, render_metrics_table
-from lld_lightning.models import build_detector, postprocess
+from lld_lightning.models import build_detector
+from lld_lightning.models.roi_head import training_rois
 
 #: The loss terms that are weighted and summed into the training loss.
-LOSS_TERMS: tuple[str, ...] = ("cls", "box", "quality", "attributes")
+LOSS_TERMS: tuple[str, ...] = ("cls", "box", "quality", "attributes", "roi_cls", "roi_attributes")
 #: The attribute term sums one cross-entropy per attribute (7 for LLD), so at weight 1 it dwarfs the
 #: class term and slowed class learning: 0.3 doubled val mAP@.5 after 525 steps on the synthetic
 #: sparse data at the same attribute F1 (docs/loss.md).
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3}
+#: The region read-out's terms (0 without one) follow the same rule.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3, "roi_cls": 1.0, "roi_attributes": 0.3
+}
 
 
 def keep_inside_regions(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> list[dict]:
@@ -59,6 +63,13 @@ class LldModule(L.LightningModule):
         head_convs: convolutions per head tower.
         attribute_convs: convolutions of an attribute tower of its own (0 = attributes read the
             classification tower).
+        roi_readout: read each cell's class and attributes from features pooled over its whole
+            box (`RoiHead`); the dense head then proposes one box per cell.
+        roi_copies: read-outs per expert cell in a training step (the first exact, the others
+            jittered by ``roi_jitter`` of the box size).
+        roi_jitter: see ``roi_copies``.
+        classes_per_box: with ``roi_readout``, class hypotheses per box in validation and test
+            (mAP credits a second guess at a lower score); prediction always writes one.
         loss_mode: ``masked`` ignores everything outside the annotated regions; ``naive`` treats
             it as background (the baseline).
         loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``).
@@ -68,7 +79,8 @@ class LldModule(L.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases and norm parameters).
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
-        score_threshold, pre_nms_topk, nms_iou, max_detections: post-processing.
+        score_threshold, pre_nms_topk, nms_iou, max_detections, max_containment: post-processing
+            (`postprocess`).
         metrics_backend: ``pycocotools`` or ``faster_coco_eval`` for mAP.
         channels_last: run the detector in channels-last memory format (faster on GPUs).
         compile: wrap the detector in ``torch.compile``.
@@ -86,6 +98,10 @@ class LldModule(L.LightningModule):
         fpn_channels: int = 128,
         head_convs: int = 2,
         attribute_convs: int = 0,
+        roi_readout: bool = False,
+        roi_copies: int = 2,
+        roi_jitter: float = 0.1,
+        classes_per_box: int = 3,
         loss_mode: Literal["masked", "naive"] = "masked",
         loss_weights: dict[str, float] | None = None,
         box_loss: Literal["giou", "diou", "ciou"] = "giou",
@@ -98,6 +114,7 @@ class LldModule(L.LightningModule):
         pre_nms_topk: int = 1000,
         nms_iou: float = 0.6,
         max_detections: int = 100,
+        max_containment: float | None = None,
         metrics_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         channels_last: bool = False,
         compile: bool = False,
@@ -129,6 +146,7 @@ class LldModule(L.LightningModule):
             head_convs=head_convs,
             attribute_convs=attribute_convs,
             pretrained_file=pretrained_file,
+            roi_readout=roi_readout,
         )
         if channels_last:
             self.detector = self.detector.to(memory_format=torch.channels_last)
@@ -142,30 +160,47 @@ class LldModule(L.LightningModule):
         self.test_results: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        """Raw head outputs for float images ``[B, 3, H, W]`` in ``[0, 1]``."""
+    def forward(self, images: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Raw head outputs for float images ``[B, 3, H, W]`` in ``[0, 1]`` (see `Detector`)."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.detector)(images)
+        return (self._compiled or self.detector)(images, rois)
 
-    def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Per-image detections (boxes in input pixels, scores, labels, attributes)."""
+    def detections(
+        self, outputs: dict[str, Any], image_size: tuple[int, int], classes_per_box: int = 1
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per-image detections from raw outputs, with this module's post-processing settings."""
         h = self.hparams
-        return postprocess(
-            self(images),
+        return self.detector.detections(
+            outputs,
+            image_size=image_size,
+            classes_per_box=classes_per_box,
             score_threshold=h.score_threshold,
             pre_nms_topk=h.pre_nms_topk,
             nms_iou=h.nms_iou,
             max_detections=h.max_detections,
-            image_size=tuple(images.shape[-2:]),
+            max_containment=h.max_containment,
         )
+
+    def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per-image detections (boxes in input pixels, scores, labels, attributes); with a
+        region read-out, one class per cell."""
+        return self.detections(self(images), tuple(images.shape[-2:]))
 
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights[name] * terms[name] for name in LOSS_TERMS)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        terms = self.criterion(self(batch["image"]), batch)
+        if self.detector.roi_head is None:
+            outputs = self(batch["image"])
+        else:
+            rois = training_rois(
+                batch["boxes"], batch["labels"], self.hparams.roi_copies, self.hparams.roi_jitter
+            )
+            outputs = self(batch["image"], rois.boxes)
+            outputs["roi"].update(image_index=rois.image_index, cell_index=rois.cell_index)
+        terms = self.criterion(outputs, batch)
         loss = self.weighted_loss(terms)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
@@ -202,14 +237,8 @@ class LldModule(L.LightningModule):
         if stage == "val":
             terms = self.criterion(outputs, batch)
             self.log(f"{stage}/loss", self.weighted_loss(terms), batch_size=len(targets), sync_dist=True)
-        h = self.hparams
-        preds = postprocess(
-            outputs,
-            score_threshold=h.score_threshold,
-            pre_nms_topk=h.pre_nms_topk,
-            nms_iou=h.nms_iou,
-            max_detections=h.max_detections,
-            image_size=tuple(batch["image"].shape[-2:]),
+        preds = self.detections(
+            outputs, tuple(batch["image"].shape[-2:]), classes_per_box=self.hparams.classes_per_box
         )
         metrics.update(keep_inside_regions(preds, targets), targets, batch["domain"])
 

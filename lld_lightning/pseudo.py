@@ -33,7 +33,6 @@ from torchvision.ops import batched_nms
 
 from lld_lightning.constants import IGNORE_INDEX
 from lld_lightning.data.transforms import clip_boxes, content_boxes, invert_boxes, transform_boxes
-from lld_lightning.models.postprocess import postprocess
 
 PseudoMode = Literal["teacher", "self"]
 
@@ -177,6 +176,13 @@ class PseudoLabeller(Callback):
         min_size: drop a pseudo-label narrower or lower than this in the student's view (pixels).
         min_visibility: drop a pseudo-label less than this fraction visible in the student's view.
         pre_nms_topk: candidates per image before NMS.
+        background_threshold: teacher mode only. ``None`` (default): outside the regions only
+            pseudo-labels train, everything else stays ignored. A score: the whole field of the
+            student's view becomes an annotated region, and every teacher detection outside
+            the expert regions scoring at least this becomes an *ignore box*; so the area where
+            the teacher sees nothing trains as background (what full annotation gives), and a
+            cell the teacher missed even at this score is learnt as background (logged as
+            ``train/pseudo_background_miss``).
     """
 
     def __init__(
@@ -194,9 +200,18 @@ class PseudoLabeller(Callback):
         min_size: float = 2.0,
         min_visibility: float = 0.3,
         pre_nms_topk: int = 1000,
+        background_threshold: float | None = None,
     ) -> None:
         if mode not in MODE_DEFAULTS:
             raise ValueError(f"mode must be one of {sorted(MODE_DEFAULTS)}, got {mode!r}")
+        if background_threshold is not None and (
+            mode != "teacher" or not 0.0 <= background_threshold <= 1.0
+        ):
+            raise ValueError(
+                "background_threshold needs mode='teacher' and a score in [0, 1], got "
+                f"{background_threshold!r} with mode={mode!r}"
+            )
+        self.background_threshold = background_threshold
         default_threshold, default_weight, default_iou = MODE_DEFAULTS[mode]
         self.mode = mode
         self.threshold = default_threshold if threshold is None else float(threshold)
@@ -223,7 +238,7 @@ class PseudoLabeller(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._last_step = 0
         self.totals = dict.fromkeys(
-            ("num_images", "num_pseudo", "num_correct", "num_hidden", "num_found"), 0
+            ("num_images", "num_pseudo", "num_correct", "num_hidden", "num_found", "num_missed"), 0
         )
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -307,7 +322,7 @@ class PseudoLabeller(Callback):
             stats["num_pseudo"].float() / batch_size,
             batch_size=batch_size,
         )
-        for key in ("num_pseudo", "num_correct", "num_hidden", "num_found"):
+        for key in ("num_pseudo", "num_correct", "num_hidden", "num_found", "num_missed"):
             self.totals[key] += int(stats.get(key, 0))
         if "num_correct" in stats and int(stats["num_pseudo"]) > 0:
             precision = stats["num_correct"].float() / stats["num_pseudo"].float()
@@ -315,6 +330,9 @@ class PseudoLabeller(Callback):
         if "num_found" in stats and int(stats["num_hidden"]) > 0:
             recall = stats["num_found"].float() / stats["num_hidden"].float()
             pl_module.log("train/pseudo_recall", recall, batch_size=batch_size)
+        if "num_missed" in stats and int(stats["num_hidden"]) > 0:
+            missed = stats["num_missed"].float() / stats["num_hidden"].float()
+            pl_module.log("train/pseudo_background_miss", missed, batch_size=batch_size)
 
     def summary(self) -> dict[str, float]:
         """Totals over the run: pseudo-labels per image, precision and recall (NaN when unknown)."""
@@ -326,6 +344,9 @@ class PseudoLabeller(Callback):
             if t["num_pseudo"] and t["num_hidden"]
             else nan,
             "pseudo_recall": t["num_found"] / t["num_hidden"] if t["num_hidden"] else nan,
+            "background_miss": t["num_missed"] / t["num_hidden"]
+            if t["num_hidden"] and self.background_threshold is not None
+            else nan,
         }
 
     @torch.no_grad()
@@ -349,20 +370,22 @@ class PseudoLabeller(Callback):
             model, prefix = pl_module.detector, ""
         was_training = model.training
         model.eval()  # running BN statistics, and the student's are not disturbed
+        lowest = float(self.thresholds.min())
+        if self.background_threshold is not None:
+            lowest = min(lowest, self.background_threshold)
         try:
             images = batch[f"{prefix}image"]
-            outputs = model(images)
+            # The detector's own path: with a region read-out, classes and attributes come from it.
+            preds = model.detections(
+                model(images),
+                score_threshold=max(0.0, lowest - 1e-6) if not self.strict else lowest,
+                pre_nms_topk=self.pre_nms_topk,
+                nms_iou=self.nms_iou,
+                max_detections=int(getattr(pl_module.hparams, "max_detections", 100)),
+                image_size=tuple(images.shape[-2:]),
+            )
         finally:
             model.train(was_training)
-        lowest = float(self.thresholds.min())
-        preds = postprocess(
-            outputs,
-            score_threshold=max(0.0, lowest - 1e-6) if not self.strict else lowest,
-            pre_nms_topk=self.pre_nms_topk,
-            nms_iou=self.nms_iou,
-            max_detections=int(getattr(pl_module.hparams, "max_detections", 100)),
-            image_size=tuple(images.shape[-2:]),
-        )
         return preds, prefix
 
     @torch.no_grad()
@@ -400,6 +423,11 @@ class PseudoLabeller(Callback):
         attributes = torch.cat([p["attributes"] for p in preds])  # [N, A]
         attribute_scores = torch.cat([p["attribute_scores"] for p in preds])
 
+        unsure = (
+            scores >= self.background_threshold
+            if self.background_threshold is not None
+            else torch.zeros_like(scores, dtype=torch.bool)
+        )
         thresholds = self.thresholds.to(device)[labels.clamp(max=self.thresholds.numel() - 1)]
         keep = scores > thresholds if self.strict else scores >= thresholds
         # One class per cell: class-agnostic NMS inside each image.
@@ -481,19 +509,90 @@ class PseudoLabeller(Callback):
         batch["weights"] = torch.cat([weights.float(), valid.float() * self.weight], dim=1)
 
         stats = {"num_pseudo": torch.tensor(int(index.numel()))}
+        unsure_boxes = unsure_image = None
+        if self.background_threshold is not None:
+            unsure_boxes, unsure_image = self._background(
+                batch, boxes[unsure], image_index[unsure], prefix, to_student, bounds
+            )
         if "hidden_boxes" in batch:
             stats.update(self._quality(batch, boxes[index], labels[index], img, prefix))
+            if unsure_boxes is not None:
+                stats["num_missed"] = self._missed(
+                    batch, boxes[unsure], image_index[unsure], prefix
+                )
         return stats
 
-    def _quality(
-        self, batch: dict[str, Any], boxes: Tensor, labels: Tensor, image_index: Tensor, prefix: str
-    ) -> dict[str, Tensor]:
-        """Precision/recall of kept pseudo-labels (``boxes`` in the detector's view, unclipped)."""
+    def _background(
+        self,
+        batch: dict[str, Any],
+        boxes: Tensor,
+        image_index: Tensor,
+        prefix: str,
+        to_student: Tensor,
+        bounds: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Make the student's whole field a region and the teacher's unsure boxes ignore boxes.
+
+        Args:
+            boxes: ``[n, 4]`` teacher detections scoring at least ``background_threshold``, in
+                the teacher's view; ``image_index`` ``[n]`` their image.
+            to_student: ``[B, 3, 3]`` teacher view -> student view.
+            bounds: ``[B, 4]`` the image content in the student's view.
+
+        Returns:
+            The ignore boxes in the student's view and their image index.
+        """
+        batch_size = batch["image"].shape[0]
+        regions = batch[f"{prefix}regions"].float()
+        outside = ~points_in_boxes(
+            box_centres(boxes), regions[image_index], batch[f"{prefix}region_valid"][image_index]
+        )
+        boxes, image_index = boxes[outside], image_index[outside]
+        order = torch.sort(image_index, stable=True).indices
+        boxes, image_index = boxes[order], image_index[order]
+        moved = transform_boxes(boxes[:, None], to_student[image_index])[:, 0]
+        clipped = clip_boxes(moved[:, None], bounds[image_index])[:, 0]
+        packed = pack_per_image({"boxes": clipped}, image_index, batch_size)
+        old_boxes = batch.get("ignore_boxes")
+        if old_boxes is None:
+            old_boxes = clipped.new_zeros((batch_size, 0, 4))
+            old_valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=clipped.device)
+        else:
+            old_valid = batch["ignore_valid"]
+        batch["ignore_boxes"] = torch.cat([old_boxes.float(), packed["boxes"]], dim=1)
+        batch["ignore_valid"] = torch.cat([old_valid, packed["valid"]], dim=1)
+        # The whole content of the student's view is now annotated (background unless ignored).
+        batch["regions"] = torch.cat([batch["regions"].float(), bounds[:, None].float()], dim=1)
+        batch["region_valid"] = torch.cat(
+            [batch["region_valid"], torch.ones_like(batch["region_valid"][:, :1])], dim=1
+        )
+        return clipped, image_index
+
+    def _missed(
+        self, batch: dict[str, Any], boxes: Tensor, image_index: Tensor, prefix: str
+    ) -> Tensor:
+        """Hidden cells outside the regions whose centre no unsure teacher box covers.
+
+        Those are learnt as background under ``background_threshold``. Counted in the
+        teacher's view over the same hidden cells as ``num_hidden``.
+        """
+        batch_size, num_hidden = batch["hidden_labels"].shape
+        centres, outside = self._hidden_outside(batch, prefix)  # [B * H, 2], [B, H]
+        order = torch.sort(image_index, stable=True)
+        packed = pack_per_image({"boxes": boxes[order.indices]}, order.values, batch_size)
+        covered = points_in_boxes(
+            centres,
+            packed["boxes"].repeat_interleave(num_hidden, dim=0),
+            packed["valid"].repeat_interleave(num_hidden, dim=0),
+        ).reshape(batch_size, num_hidden)
+        return (outside & ~covered).sum().cpu()
+
+    def _hidden_outside(self, batch: dict[str, Any], prefix: str) -> tuple[Tensor, Tensor]:
+        """Centres ``[B * H, 2]`` of the hidden cells in the detector's view, and which of them
+        the pseudo-labeller may find ``[B, H]``: real, outside every region, inside the view."""
         view_transform = batch[f"{prefix}transform"].float()
-        original = invert_boxes(boxes[:, None], view_transform[image_index])[:, 0]  # [n, 4]
         hidden_boxes = batch["hidden_boxes"].float()  # [B, H, 4], original pixels
         hidden_labels = batch["hidden_labels"]
-        # Hidden cells the pseudo-labeller may find: outside every region and visible in its view.
         hidden_in_view = box_centres(transform_boxes(hidden_boxes, view_transform))  # [B, H, 2]
         batch_size, num_hidden = hidden_labels.shape
         flat_points = hidden_in_view.reshape(-1, 2)
@@ -511,7 +610,16 @@ class PseudoLabeller(Callback):
             bounds.repeat_interleave(num_hidden, dim=0)[:, None],
             torch.ones_like(region_valid[:, :1]),
         ).reshape(batch_size, num_hidden)
-        outside = (hidden_labels != IGNORE_INDEX) & ~inside_region & in_view
+        return flat_points, (hidden_labels != IGNORE_INDEX) & ~inside_region & in_view
+
+    def _quality(
+        self, batch: dict[str, Any], boxes: Tensor, labels: Tensor, image_index: Tensor, prefix: str
+    ) -> dict[str, Tensor]:
+        """Precision/recall of kept pseudo-labels (``boxes`` in the detector's view, unclipped)."""
+        view_transform = batch[f"{prefix}transform"].float()
+        original = invert_boxes(boxes[:, None], view_transform[image_index])[:, 0]  # [n, 4]
+        _, outside = self._hidden_outside(batch, prefix)
         return pseudo_label_quality(
-            original, labels, image_index, hidden_boxes, hidden_labels, outside
+            original, labels, image_index, batch["hidden_boxes"].float(), batch["hidden_labels"],
+            outside,
         )

@@ -38,6 +38,8 @@ ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
     ("masked", "masked", None, True),
     ("masked+teacher", "masked", "teacher", True),
     ("masked+self", "masked", "self", True),
+    # Only with --background-threshold: the teacher also turns the empty field into background.
+    ("masked+teacher+bg", "masked", "teacher-bg", True),
 )
 
 
@@ -74,6 +76,10 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         "model.fpn_channels": args.fpn_channels,
         "data.batch_size": args.batch_size,
         "data.num_workers": args.num_workers,
+        # Explicit, so configs/sparse.yaml's read-out and containment filter (added after the
+        # table in docs/results/sparse.md was measured) do not change the study's model.
+        "model.roi_readout": args.roi_readout,
+        "model.max_containment": 0.5 if args.roi_readout else None,
     }
     if args.quick:
         # Seconds: the tiny model on a tiny synthetic set (what tests/test_study.py runs).
@@ -141,13 +147,15 @@ def run_config(
     ]
     if pseudo_mode is not None:
         init_args: dict[str, Any] = {
-            "mode": pseudo_mode,
+            "mode": "teacher" if pseudo_mode == "teacher-bg" else pseudo_mode,
             "warmup_steps": int(args.pseudo_warmup * max_steps),
         }
-        if pseudo_mode == "teacher":
+        if pseudo_mode in ("teacher", "teacher-bg"):
             init_args.update(
                 threshold=args.threshold, weight=args.pseudo_weight, ema_decay=args.ema_decay
             )
+        if pseudo_mode == "teacher-bg":
+            init_args["background_threshold"] = args.background_threshold
         callbacks.append(
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
         )
@@ -234,6 +242,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, str, st
         runs.append((dataset, None, *ROWS[0][:3]))
         for fraction in fractions:
             for name, loss_mode, pseudo_mode, sparse in ROWS[1:]:
+                if pseudo_mode == "teacher-bg" and args.background_threshold is None:
+                    continue
                 if sparse:
                     runs.append((dataset, fraction, name, loss_mode, pseudo_mode))
     if args.rows:
@@ -310,7 +320,15 @@ def render(
         f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining); "
         f"validation {args.validations}x per run for the best checkpoint; pseudo-labels after "
         f"{args.pseudo_warmup:.0%} of the steps; teacher threshold {args.threshold}, weight "
-        f"{args.pseudo_weight}, EMA decay {args.ema_decay}; self-training 0.95 / 0.1.",
+        f"{args.pseudo_weight}, EMA decay {args.ema_decay}"
+        + (
+            f"; the +bg row ignores teacher boxes scoring >= {args.background_threshold} outside "
+            "the regions and trains the rest of the field as background"
+            if args.background_threshold is not None
+            else ""
+        )
+        + "; self-training 0.95 / 0.1; "
+        f"class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
         f"{date or dt.datetime.now().isoformat(timespec='minutes')}",
         f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
@@ -359,9 +377,9 @@ def findings(results: list[RunResult]) -> list[str]:
         for fraction in dict.fromkeys(
             r.fraction for r in results if r.dataset == dataset and r.fraction
         ):
-            naive, masked, teacher, selft = (
+            naive, masked, teacher, selft, background = (
                 index.get((dataset, fraction, row))
-                for row in ("naive", "masked", "masked+teacher", "masked+self")
+                for row in ("naive", "masked", "masked+teacher", "masked+self", "masked+teacher+bg")
             )
             head = f"- {dataset}, fraction {fraction}:"
             if naive and masked:
@@ -370,7 +388,11 @@ def findings(results: list[RunResult]) -> list[str]:
                     f"{head} region-masked {verdict} naive sparse "
                     f"(mAP@.5 {masked.map_50:.3f} vs {naive.map_50:.3f})."
                 )
-            for name, row in (("EMA teacher", teacher), ("self-training", selft)):
+            for name, row in (
+                ("EMA teacher", teacher),
+                ("self-training", selft),
+                ("EMA teacher + background", background),
+            ):
                 if row and masked:
                     delta = row.map_50 - masked.map_50
                     share = (
@@ -384,6 +406,13 @@ def findings(results: list[RunResult]) -> list[str]:
                         f"{_fmt(row.pseudo.get('pseudo_precision'))}, recall {_fmt(row.pseudo.get('pseudo_recall'))}"
                         + (" - pseudo-labels did not help at this budget." if delta <= 0 else ".")
                     )
+                    missed = row.pseudo.get("background_miss", float("nan"))
+                    if not math.isnan(missed):
+                        out.append(
+                            f"{head} teacher background: the field outside the regions trained as "
+                            f"background where the teacher saw nothing; {missed:.1%} of the hidden "
+                            "cells there had no teacher box and were learnt as background."
+                        )
                     if row and masked and delta <= 0:
                         out.append(f"{head} why ({name}): {why_no_gain(row)}")
     return out or ["- (no comparable rows)"]
@@ -449,6 +478,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pseudo-warmup", type=float, default=0.5, help="warm-up, fraction of --max-steps"
     )
     parser.add_argument("--ema-decay", type=float, default=0.98)
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        help="adds the masked+teacher+bg row: the field outside the regions is background except "
+        "where the teacher scores at least this (PseudoLabeller background_threshold)",
+    )
+    parser.add_argument(
+        "--roi-readout",
+        action="store_true",
+        help="class and attributes from the region read-out (LldModule roi_readout)",
+    )
     parser.add_argument("--runs-dir", default="runs/study")
     parser.add_argument("--out", default="docs/results/sparse.md")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny model and data (tests)")
@@ -481,7 +521,8 @@ def rerender(source: Path, out: Path) -> list[RunResult]:
     date = record.get("date") or dt.datetime.fromtimestamp(source.stat().st_mtime).isoformat(
         timespec="minutes"
     )
-    args = argparse.Namespace(**record["args"])
+    # Defaults of flags added after the run (e.g. --roi-readout) fill what the record lacks.
+    args = argparse.Namespace(**{**vars(parse_args(["--render-from", str(source)])), **record["args"]})
     text = render(results, args, record["command"], record["total_s"], record["machine"], date)
     out.write_text(text)
     print(f"[study] rewrote {out} from {source}", flush=True)

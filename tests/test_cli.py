@@ -106,6 +106,13 @@ def test_checkpoint_reload_gives_identical_outputs(fitted: Path) -> None:
         out_a, out_b = model_a(images), model_b(images)
     for key in ("cls_logits", "box_deltas", "quality_logits"):
         torch.testing.assert_close(out_a[key], out_b[key], rtol=0, atol=0)
+    # The region read-out (configs/tiny.yaml has it) reloads too: same detections, classes included.
+    assert model_a.detector.roi_head is not None
+    with torch.no_grad():
+        dets_a, dets_b = model_a.detect(images), model_b.detect(images)
+    for det_a, det_b in zip(dets_a, dets_b, strict=True):
+        for key in det_a:
+            torch.testing.assert_close(det_a[key], det_b[key], rtol=0, atol=0)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     for name, value in model_a.state_dict().items():
         torch.testing.assert_close(value, state[name], rtol=0, atol=0)

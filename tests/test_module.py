@@ -35,7 +35,8 @@ def test_loss_weights_and_validation() -> None:
     module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1,
                        loss_weights={"attributes": 0.5})
     terms = {name: torch.tensor(1.0) for name in LOSS_TERMS}
-    expected = 1.0 + 2.0 + 1.0 + 0.5  # defaults cls 1, box 2, quality 1, attributes overridden
+    # defaults cls 1, box 2, quality 1, attributes overridden, roi_cls 1, roi_attributes 0.3
+    expected = 1.0 + 2.0 + 1.0 + 0.5 + 1.0 + 0.3
     assert float(module.weighted_loss(terms)) == pytest.approx(expected)
     with pytest.raises(ValueError, match="unknown loss terms"):
         LldModule(backbone="test_resnet", loss_weights={"clss": 1.0})

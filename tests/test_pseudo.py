@@ -325,3 +325,66 @@ def test_fit_with_the_teacher_in_process(tmp_path: Path, monkeypatch: pytest.Mon
     assert any(
         "teacher" in value for key, value in state["callbacks"].items() if "PseudoLabeller" in key
     )
+
+
+def test_background_threshold_turns_the_empty_field_into_background() -> None:
+    batch = _with_teacher_view(_batch())
+    # Hidden truth: the expert cell plus two cells outside the region; the teacher finds one
+    # confidently, is unsure about the other, and fires weakly inside the region.
+    batch["hidden_boxes"] = torch.tensor([[[2.0, 2.0, 12.0, 12.0], [40.0, 40.0, 50.0, 50.0],
+                                           [30.0, 2.0, 40.0, 12.0]]])
+    batch["hidden_labels"] = torch.tensor([[1, 0, 2]])
+    preds = [
+        _preds(
+            [
+                [40.0, 40.0, 50.0, 50.0],  # confident: a pseudo-label (and an ignore box)
+                [30.0, 2.0, 40.0, 12.0],  # unsure: ignore box only
+                [4.0, 4.0, 10.0, 10.0],  # inside the expert region: neither
+                [20.0, 50.0, 28.0, 58.0],  # below the background threshold: nothing
+            ],
+            [0.9, 0.3, 0.3, 0.05],
+            [0, 2, 2, 1],
+        )
+    ]
+    labeller = _labeller(threshold=0.5, background_threshold=0.2)
+    stats = labeller.select_and_append(batch, preds, "teacher_")
+    assert int(stats["num_pseudo"]) == 1
+    assert int(stats["num_missed"]) == 0 and int(stats["num_hidden"]) == 2
+    # The student's whole content joined the regions; the unsure boxes became ignore boxes.
+    torch.testing.assert_close(batch["regions"][0, -1], torch.tensor([0.0, 0.0, 64.0, 64.0]))
+    assert batch["region_valid"].tolist() == [[True, True]]
+    kept = batch["ignore_boxes"][0][batch["ignore_valid"][0]]
+    torch.testing.assert_close(kept, torch.tensor([[40.0, 40.0, 50.0, 50.0], [30.0, 2.0, 40.0, 12.0]]))
+
+    # A hidden cell no teacher box covers is counted as learnt-as-background.
+    batch = _with_teacher_view(_batch())
+    batch["hidden_boxes"] = torch.tensor([[[40.0, 40.0, 50.0, 50.0]]])
+    batch["hidden_labels"] = torch.tensor([[0]])
+    stats = labeller.select_and_append(batch, [_preds([], [], [])], "teacher_")
+    assert int(stats["num_missed"]) == 1
+    assert batch["ignore_boxes"].shape == (1, 0, 4)
+
+    with pytest.raises(ValueError, match="background_threshold"):
+        PseudoLabeller(mode="self", background_threshold=0.2)
+
+
+def test_ignore_boxes_make_background_unknown_in_the_assigner() -> None:
+    from lld_lightning.constants import BACKGROUND, IGNORE
+    from lld_lightning.models.assign import assign_locations
+
+    points = torch.tensor([[4.0, 4.0], [20.0, 4.0], [36.0, 4.0]])
+    strides = torch.full((3,), 8.0)
+    cell = torch.tensor([[[0.0, 0.0, 8.0, 8.0]]])
+    whole = torch.tensor([[[0.0, 0.0, 64.0, 64.0]]])
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    plain = assign_locations(points, strides, cell, valid, whole, valid)
+    assert plain.tolist() == [[0, BACKGROUND, BACKGROUND]]
+    # An ignore box over the cell and the second location: the positive stays positive.
+    ignore = torch.tensor([[[0.0, 0.0, 24.0, 8.0]]])
+    matched = assign_locations(points, strides, cell, valid, whole, valid,
+                               ignore_boxes=ignore, ignore_valid=valid)
+    assert matched.tolist() == [[0, IGNORE, BACKGROUND]]
+    # Padding ignore boxes do nothing.
+    matched = assign_locations(points, strides, cell, valid, whole, valid,
+                               ignore_boxes=ignore, ignore_valid=~valid)
+    assert matched.tolist() == plain.tolist()

@@ -30,6 +30,15 @@ def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
     config = study.run_config(args, Path("run"), "self", 240)
     labeller = config["trainer"]["callbacks"][-1]["init_args"]
     assert labeller == {"mode": "self", "warmup_steps": 120}  # the reference's own 0.95 / 0.1
+    # The teacher-background row exists only when its threshold is given.
+    args = study.parse_args(["--datasets", "synthetic", "--background-threshold", "0.1"])
+    rows = [row for _, _, row, _, _ in study.plan(args)]
+    assert rows[-1] == "masked+teacher+bg" and rows.count("masked+teacher+bg") == 1
+    config = study.run_config(args, Path("run"), "teacher-bg", 240)
+    labeller = config["trainer"]["callbacks"][-1]["init_args"]
+    assert labeller["mode"] == "teacher" and labeller["background_threshold"] == 0.1
+    plain = study.run_config(args, Path("run"), "teacher", 240)["trainer"]["callbacks"][-1]
+    assert "background_threshold" not in plain["init_args"]
 
 
 def test_findings_compare_rows() -> None:
@@ -81,6 +90,10 @@ def test_steps_per_dataset_and_whole_field_synthetic() -> None:
     assert study.dataset_specs(args)["synthetic"].max_steps == 5
     config = study.run_config(args, Path("run"), "teacher", 5)
     assert config["trainer"]["max_steps"] == 5
+    # The read-out is the study's choice, not inherited from configs/sparse.yaml's default.
+    assert study.dataset_specs(args)["synthetic"].overrides["model.roi_readout"] is False
+    args = study.parse_args(["--datasets", "synthetic", "--roi-readout"])
+    assert study.dataset_specs(args)["synthetic"].overrides["model.roi_readout"] is True
 
 
 def test_rerender_from_json_explains_rows_without_gain(tmp_path: Path) -> None:

@@ -130,11 +130,18 @@ class SparseDetectionLoss(nn.Module):
             targets: batch keys ``boxes`` float ``[B, M, 4]`` xyxy pixels, ``labels`` int64
                 ``[B, M]`` (``IGNORE_INDEX`` = padding), ``attributes`` int64 ``[B, M, A]``
                 (``IGNORE_INDEX`` = missing), ``regions`` float ``[B, R, 4]``,
-                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]``.
+                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]`` and
+                optional ``ignore_boxes`` float ``[B, K, 4]`` with ``ignore_valid`` bool
+                ``[B, K]`` (background inside them is ``IGNORE``, see `assign_locations`).
+
+            With a region read-out, ``outputs["roi"]`` also holds ``image_index`` and
+            ``cell_index`` int64 ``[N]``: the expert cell each read-out box belongs to
+            (`training_rois`).
 
         Returns:
-            Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes`` and the
-            detached ``num_foreground`` (positives in the batch, mean over ranks).
+            Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes``, ``roi_cls``,
+            ``roi_attributes`` (both 0 without ``outputs["roi"]``) and the detached
+            ``num_foreground`` (positives in the batch, mean over ranks).
         """
         device_type = outputs["cls_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
@@ -160,6 +167,8 @@ class SparseDetectionLoss(nn.Module):
             targets["region_valid"].to(cls_logits.device),
             ignore_outside_regions=self.mode == "masked",
             center_radius=self.center_radius,
+            ignore_boxes=_optional(targets, "ignore_boxes", cls_logits.device),
+            ignore_valid=_optional(targets, "ignore_valid", cls_logits.device),
         )  # [B, P]
         valid = matched != IGNORE  # [B, P]
         foreground = matched >= 0  # [B, P]
@@ -211,14 +220,55 @@ class SparseDetectionLoss(nn.Module):
             )
             attribute_loss = attribute_loss + (per_location * positive_weight).sum()
         attribute_term = attribute_loss / normaliser
+        roi_cls_term, roi_attribute_term = self._readout_terms(
+            outputs.get("roi"), labels, attributes, weights
+        )
 
         return {
             "cls": cls_term,
             "box": box_term,
             "quality": quality_term,
             "attributes": attribute_term,
+            "roi_cls": roi_cls_term,
+            "roi_attributes": roi_attribute_term,
             "num_foreground": num_foreground,
         }
+
+    def _readout_terms(
+        self, roi: dict | None, labels: Tensor, attributes: Tensor, weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of the region read-out's class and attributes, per read-out box.
+
+        Both are sums over read-out boxes (times the cell's weight) divided by the number of
+        boxes in the batch averaged over ranks; the attribute term sums over attributes like
+        ``attributes``. Without a read-out both are exactly 0.
+        """
+        zero = weights.new_zeros(())
+        if roi is None:
+            return zero, zero
+        image_index, cell_index = roi["image_index"], roi["cell_index"]
+        count = mean_over_ranks(weights.new_tensor(float(image_index.numel()))).clamp(min=1.0)
+        box_weight = weights[image_index, cell_index]  # [N]
+        cls_loss = F.cross_entropy(
+            roi["cls_logits"].float(), labels[image_index, cell_index], reduction="none"
+        )
+        cls_term = (cls_loss * box_weight).sum() / count
+        attribute_loss = zero
+        cell_attributes = attributes[image_index, cell_index]  # [N, A]
+        for column, name in enumerate(self.attribute_spec):
+            per_box = F.cross_entropy(
+                roi["attr_logits"][name].float(),
+                cell_attributes[:, column],
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            attribute_loss = attribute_loss + (per_box * box_weight).sum()
+        return cls_term, attribute_loss / count
+
+
+def _optional(targets: dict, key: str, device: torch.device) -> Tensor | None:
+    value = targets.get(key)
+    return None if value is None else value.to(device)
 
 
 def _cell_targets(targets: dict, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:

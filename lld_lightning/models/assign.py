@@ -116,6 +116,8 @@ def assign_locations(
     ignore_outside_regions: bool = True,
     center_radius: float = 1.5,
     size_ranges: SizeRanges | None = None,
+    ignore_boxes: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
 ) -> Tensor:
     """Match every location to a cell, to ``BACKGROUND`` or to ``IGNORE``.
 
@@ -131,7 +133,9 @@ def assign_locations(
     region (see `inside_regions`), else ``IGNORE``; with ``ignore_outside_regions=False`` (the
     naive sparse baseline) it is ``BACKGROUND`` everywhere and ``IGNORE`` never occurs. A
     positive stays positive outside the regions: the expert labelled that cell. An image
-    without any valid region is all ``IGNORE`` apart from its positives.
+    without any valid region is all ``IGNORE`` apart from its positives. A location that would
+    be ``BACKGROUND`` but lies inside an *ignore box* (something may be there, its class is not
+    known) is ``IGNORE`` in both modes.
 
     Args:
         points: float ``[P, 2]`` location centres ``(x, y)`` in input pixels.
@@ -144,6 +148,8 @@ def assign_locations(
         center_radius: centre-sampling radius in units of the level stride.
         size_ranges: ``(lo, hi)`` per level in ascending stride order (``inf`` allowed);
             None derives them with `default_size_ranges`.
+        ignore_boxes: optional float ``[B, K, 4]`` xyxy boxes whose background is unknown.
+        ignore_valid: bool ``[B, K]``, False for padding (required with ``ignore_boxes``).
 
     Returns:
         int64 ``[B, P]``: the cell index in ``[0, M)``, ``BACKGROUND`` or ``IGNORE``.
@@ -184,4 +190,7 @@ def assign_locations(
     if ignore_outside_regions:
         unknown = ~inside_regions(points, regions.float(), region_valid) & (matched == BACKGROUND)
         matched = matched.masked_fill(unknown, IGNORE)
+    if ignore_boxes is not None and ignore_boxes.shape[1] > 0:
+        unsure = inside_regions(points, ignore_boxes.float(), ignore_valid) & (matched == BACKGROUND)
+        matched = matched.masked_fill(unsure, IGNORE)
     return matched

@@ -1,4 +1,4 @@
-"""The detector (backbone -> FPN -> dense head) and the box coding of its output contract.
+"""The detector (backbone -> FPN -> dense head, optional region read-out) and its output contract.
 
 Output contract (docs/architecture.md, "Detector output"): `Detector.forward` returns raw head
 outputs only, the same dict in train and eval, all float32, ``P`` = every location of every
@@ -6,7 +6,10 @@ level, levels finest first, row-major (y, x) inside a level:
 
 - ``cls_logits [B, P, C]``; ``box_deltas [B, P, 4]`` non-negative (l, t, r, b) in stride units;
 - ``quality_logits [B, P]``; ``attr_logits {name: [B, P, K_name]}`` in spec order;
-- ``points [P, 2]`` (x, y) location centres in input pixels; ``strides [P]`` float32.
+- ``points [P, 2]`` (x, y) location centres in input pixels; ``strides [P]`` float32;
+- with a region read-out (`RoiHead`): ``roi_features`` (the pyramid levels, kept for
+  `Detector.detections`) and, when ``rois`` are given, ``roi {cls_logits [N, C],
+  attr_logits {name: [N, K]}}`` for those boxes in order.
 
 Decoding: ``x1 = px - l * s``, ``y1 = py - t * s``, ``x2 = px + r * s``, ``y2 = py + b * s``.
 """
@@ -20,47 +23,16 @@ import torch
 from torch import nn
 
 from lld_lightning.models.backbone import TimmBackbone
+from lld_lightning.models.box_coding import decode_boxes, encode_boxes
 from lld_lightning.models.heads import DenseHead, Norm
 from lld_lightning.models.neck import ExtraLevels, FpnNeck
+from lld_lightning.models.postprocess import Detections, apply_readout, postprocess
+from lld_lightning.models.roi_head import RoiHead
 
 #: Distinct input sizes whose points are kept; multi-scale training uses a handful at most.
 _MAX_CACHED_SIZES: int = 32
 
-
-def decode_boxes(
-    points: torch.Tensor, strides: torch.Tensor, box_deltas: torch.Tensor
-) -> torch.Tensor:
-    """Distances in stride units -> xyxy pixel boxes.
-
-    Args:
-        points: ``[..., 2]`` (x, y) location centres in pixels.
-        strides: ``[...]`` stride of each location.
-        box_deltas: ``[..., 4]`` (l, t, r, b) distances in stride units. Leading dimensions
-            broadcast, e.g. points ``[P, 2]`` with deltas ``[B, P, 4]``.
-
-    Returns:
-        ``[..., 4]`` xyxy boxes in pixels.
-    """
-    distances = box_deltas * strides.unsqueeze(-1).to(box_deltas.dtype)
-    return torch.cat([points - distances[..., :2], points + distances[..., 2:]], dim=-1)
-
-
-def encode_boxes(
-    points: torch.Tensor, strides: torch.Tensor, boxes_xyxy: torch.Tensor
-) -> torch.Tensor:
-    """The inverse of `decode_boxes`: xyxy pixel boxes -> (l, t, r, b) in stride units.
-
-    Args:
-        points: ``[..., 2]`` (x, y) location centres in pixels.
-        strides: ``[...]`` stride of each location.
-        boxes_xyxy: ``[..., 4]`` boxes; leading dimensions broadcast.
-
-    Returns:
-        ``[..., 4]`` distances; negative where the point lies outside the box.
-    """
-    left_top = points - boxes_xyxy[..., :2]
-    right_bottom = boxes_xyxy[..., 2:] - points
-    return torch.cat([left_top, right_bottom], dim=-1) / strides.unsqueeze(-1).to(boxes_xyxy.dtype)
+__all__ = ["Detector", "build_detector", "decode_boxes", "encode_boxes", "level_points"]
 
 
 def level_points(
@@ -94,13 +66,22 @@ class Detector(nn.Module):
         backbone: maps ``[B, 3, H, W]`` in ``[0, 1]`` to feature maps (normalises itself).
         neck: fuses them into pyramid levels; must expose ``strides`` (one per output level).
         head: a `DenseHead` (or any module with the same output dict) over the levels.
+        roi_head: optional `RoiHead` reading class and attributes over each box of the finest
+            level; detections then take their class and attributes from it.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        head: nn.Module,
+        roi_head: RoiHead | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck
         self.head = head
+        self.roi_head = roi_head
         self.strides_per_level: list[int] = list(neck.strides)
         self._point_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -112,22 +93,64 @@ class Detector(nn.Module):
     def attribute_spec(self) -> dict[str, int]:
         return dict(self.head.attribute_spec)
 
-    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+    def forward(
+        self, images: torch.Tensor, rois: list[torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """Run the detector.
 
         Args:
             images: float ``[B, 3, H, W]`` RGB in ``[0, 1]``; ``H`` and ``W`` should be multiples
                 of the coarsest stride so that ``points`` lie at the true feature centres.
+            rois: per image, float ``[n_i, 4]`` xyxy boxes to read out with the `RoiHead`
+                (training passes the expert cells); ignored without a region read-out.
 
         Returns:
             The contract dict (module docstring): ``cls_logits``, ``box_deltas``,
-            ``quality_logits``, ``attr_logits``, ``points``, ``strides``.
+            ``quality_logits``, ``attr_logits``, ``points``, ``strides`` (and ``roi_feature``,
+            ``roi_features``, ``roi`` with a region read-out).
         """
         features = self.neck(self.backbone(images))
         outputs: dict[str, Any] = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         outputs["points"], outputs["strides"] = self._points(sizes, images.device)
+        if self.roi_head is not None:
+            outputs["roi_features"] = list(features)
+            if rois is not None:
+                outputs["roi"] = self.roi_head(features, rois)
         return outputs
+
+    def detections(
+        self,
+        outputs: dict[str, Any],
+        image_size: tuple[int, int] | torch.Tensor | None = None,
+        classes_per_box: int = 1,
+        **settings: Any,
+    ) -> list[Detections]:
+        """Detections from this detector's outputs, one dict per image (`postprocess` keys).
+
+        Without a region read-out this is `postprocess`. With one, the dense head proposes
+        one box per cell (class-agnostic NMS) and the `RoiHead` gives each box its classes
+        and attributes (`apply_readout`).
+
+        Args:
+            outputs: `forward` output.
+            image_size: see `postprocess`.
+            classes_per_box: class hypotheses per box with a region read-out (1 = one label
+                per cell; evaluation uses more so that mAP can credit a second guess).
+            **settings: `postprocess` settings (``score_threshold``, ``pre_nms_topk``,
+                ``nms_iou``, ``max_detections``, ``class_agnostic``).
+        """
+        if self.roi_head is None:
+            return postprocess(outputs, image_size=image_size, **settings)
+        settings["class_agnostic"] = True
+        preds = postprocess(outputs, image_size=image_size, **settings)
+        readout = self.roi_head(outputs["roi_features"], [p["boxes"] for p in preds])
+        return apply_readout(
+            preds,
+            readout,
+            classes_per_box=classes_per_box,
+            max_detections=int(settings.get("max_detections", 100)),
+        )
 
     def _points(
         self, sizes: list[tuple[int, int]], device: torch.device
@@ -154,6 +177,7 @@ def build_detector(
     extra_levels: ExtraLevels = "none",
     attribute_convs: int = 0,
     head_norm: Norm = "group",
+    roi_readout: bool = False,
 ) -> Detector:
     """Build timm backbone + FPN + `DenseHead` from plain values.
 
@@ -169,6 +193,7 @@ def build_detector(
         extra_levels: ``"none"``, ``"maxpool"`` or ``"p6p7"`` (see `FpnNeck`).
         attribute_convs: own attribute tower depth; 0 shares the classification tower.
         head_norm: ``"group"``, ``"batch"`` or ``"none"``.
+        roi_readout: add a `RoiHead` over the finest level for class and attributes.
 
     Returns:
         The `Detector`.
@@ -184,4 +209,11 @@ def build_detector(
         num_levels=len(neck.strides),
         attribute_convs=attribute_convs,
     )
-    return Detector(body, neck, head)
+    roi_head = (
+        RoiHead(
+            fpn_channels, num_classes, attribute_spec, stride=int(neck.strides[0]), norm=head_norm
+        )
+        if roi_readout
+        else None
+    )
+    return Detector(body, neck, head, roi_head)

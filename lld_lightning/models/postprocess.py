@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torchvision.ops import batched_nms
 
-from lld_lightning.models.detector import decode_boxes
+from lld_lightning.models.box_coding import decode_boxes
 
 Detections = dict[str, torch.Tensor]
 
@@ -38,6 +38,41 @@ def _clip(
     return torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
 
 
+def _contained(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bool ``[N]``: which boxes have more than ``threshold`` of their area inside an earlier box
+    of the same NMS group (``boxes`` sorted by descending score within each group).
+
+    Not greedy: an earlier box that is itself dropped still counts (it only matters for chains
+    of three nested boxes).
+    """
+    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # [N, N]
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=-1)  # [N]
+    inside = inter / area.clamp(min=1e-6)[:, None]  # row i's fraction inside column j
+    n = boxes.shape[0]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=boxes.device).tril(diagonal=-1)  # j < i
+    same_group = groups[:, None] == groups[None, :]
+    return ((inside > threshold) & earlier & same_group).any(dim=1)
+
+
+def _attribute_readout(
+    logits: list[torch.Tensor], count: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax value int64 ``[N, A]`` and its softmax probability ``[N, A]`` of each attribute's
+    ``[N, K]`` logits (one small op per attribute, not per cell); ``[N, 0]`` without attributes."""
+    if not logits:
+        return (
+            torch.zeros((count, 0), dtype=torch.int64, device=device),
+            torch.zeros((count, 0), dtype=torch.float32, device=device),
+        )
+    best = [values.float().softmax(dim=-1).max(dim=-1) for values in logits]
+    return (
+        torch.stack([value for _, value in best], dim=1),
+        torch.stack([probability for probability, _ in best], dim=1),
+    )
+
+
 def postprocess(
     outputs: dict[str, Any],
     score_threshold: float = 0.05,
@@ -45,6 +80,8 @@ def postprocess(
     nms_iou: float = 0.6,
     max_detections: int = 100,
     image_size: tuple[int, int] | torch.Tensor | None = None,
+    class_agnostic: bool = False,
+    max_containment: float | None = None,
 ) -> list[Detections]:
     """Turn the detector's output dict into detections, one dict per image.
 
@@ -59,6 +96,14 @@ def postprocess(
         image_size: ``(h, w)`` to clip every image's boxes to, or an int ``[B, 2]`` tensor of
             per-image ``(h, w)`` (the batch's ``image_size``); ``None`` does not clip. Boxes
             with no area left after clipping are dropped.
+        class_agnostic: one detection per cell: each location keeps only its best class and
+            NMS compares boxes of different classes too. The default keeps one detection per
+            (cell, class) hypothesis, which COCO mAP rewards when the class is uncertain.
+        max_containment: drop a detection when more than this fraction of its area lies inside
+            a higher-scoring detection of the same image (and class, unless class-agnostic),
+            after NMS and the ``max_detections`` cap. IoU-NMS keeps a partial box nested in a
+            cell's box (their IoU is the area ratio, often < 0.5); cells in a film do not nest.
+            ``None`` (default) keeps them.
 
     Returns:
         Per image, sorted by descending score: ``boxes`` float ``[N, 4]`` xyxy pixels,
@@ -71,10 +116,15 @@ def postprocess(
     device = cls_logits.device
     quality = outputs["quality_logits"].float().sigmoid().unsqueeze(-1)  # [B, P, 1]
     scores = torch.sqrt(cls_logits.sigmoid() * quality)  # [B, P, C]
-
-    k = min(pre_nms_topk, num_points * num_classes)
-    top_scores, top_index = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k]
-    top_point = torch.div(top_index, num_classes, rounding_mode="floor")  # [B, k]
+    if class_agnostic:  # one hypothesis per location: its best class
+        best_scores, best_labels = scores.max(dim=-1)  # [B, P]
+        k = min(pre_nms_topk, num_points)
+        top_scores, top_point = best_scores.topk(k, dim=1)  # [B, k]
+        top_index = top_point * num_classes + best_labels.gather(1, top_point)
+    else:
+        k = min(pre_nms_topk, num_points * num_classes)
+        top_scores, top_index = scores.reshape(batch, -1).topk(k, dim=1)  # [B, k]
+        top_point = torch.div(top_index, num_classes, rounding_mode="floor")  # [B, k]
     # Decode all B * k candidates (cheap) so that threshold and area make one mask, one sync.
     deltas = outputs["box_deltas"].float().gather(1, top_point[..., None].expand(-1, -1, 4))
     boxes = decode_boxes(
@@ -93,7 +143,8 @@ def postprocess(
     # Indices in descending score order over the whole batch. torchvision picks the strategy:
     # one call with groups shifted apart for small inputs, a loop over groups for large ones
     # (one O(N^2) call over 32,000 candidates measured 15x slower on CPU than the loop).
-    kept = batched_nms(boxes, candidate_scores, image_index * num_classes + labels, nms_iou)
+    groups = image_index if class_agnostic else image_index * num_classes + labels
+    kept = batched_nms(boxes, candidate_scores, groups, nms_iou)
     # A stable sort by image keeps the score order inside each image.
     kept = kept[torch.sort(image_index[kept], stable=True).indices]
     kept_image = image_index[kept]
@@ -101,25 +152,15 @@ def postprocess(
     first_of_image = counts.cumsum(0) - counts  # [B]
     rank = torch.arange(kept.numel(), device=device) - first_of_image[kept_image]
     kept = kept[rank < max_detections]
-    counts = counts.clamp(max=max_detections)
+    if max_containment is not None and kept.numel() > 1:
+        kept = kept[~_contained(boxes[kept], groups[kept], max_containment)]
+    counts = torch.bincount(image_index[kept], minlength=batch)
 
     kept_image, kept_point = image_index[kept], point_index[kept]
-    attribute_values, attribute_scores = [], []
-    for logits in outputs["attr_logits"].values():  # one small op per attribute, not per cell
-        probabilities = logits[kept_image, kept_point].float().softmax(dim=-1)  # [N, K]
-        best_probability, best_value = probabilities.max(dim=-1)
-        attribute_values.append(best_value)
-        attribute_scores.append(best_probability)
-    num_kept = kept.numel()
-    attributes = (
-        torch.stack(attribute_values, dim=1)
-        if attribute_values
-        else torch.zeros((num_kept, 0), dtype=torch.int64, device=device)
-    )
-    attribute_probabilities = (
-        torch.stack(attribute_scores, dim=1)
-        if attribute_scores
-        else torch.zeros((num_kept, 0), dtype=torch.float32, device=device)
+    attributes, attribute_probabilities = _attribute_readout(
+        [logits[kept_image, kept_point] for logits in outputs["attr_logits"].values()],
+        kept.numel(),
+        device,
     )
 
     split_sizes = counts.tolist()
@@ -133,6 +174,63 @@ def postprocess(
     return [{key: parts[i] for key, parts in per_key.items()} for i in range(batch)]
 
 
+def apply_readout(
+    preds: list[Detections],
+    readout: dict[str, Any],
+    classes_per_box: int = 1,
+    max_detections: int = 100,
+) -> list[Detections]:
+    """Re-class one-per-cell detections with a region read-out (`RoiHead` output).
+
+    Each box becomes ``classes_per_box`` detections, its most probable classes, scored
+    ``objectness * p(class)`` where the objectness is the box's dense score: a box the dense head
+    barely believes in stays low however sure the read-out is of its class (a geometric mean
+    lifted 0.1-objectness boxes over `PredictionWriter`'s 0.3 and tripled the cells `lld predict`
+    wrote). Attributes and their probabilities come from the read-out (the same for every class
+    of a box).
+
+    Args:
+        preds: per image, `postprocess(..., class_agnostic=True)` output.
+        readout: ``cls_logits [N, C]`` and ``attr_logits {name: [N, K]}`` for the boxes of
+            ``preds`` in order (image 0 first).
+        classes_per_box: class hypotheses kept per box (1 for one label per cell; more lets
+            mAP credit a second guess at a lower score).
+        max_detections: detections kept per image, highest scores first.
+
+    Returns:
+        Per image, the keys of `postprocess`, sorted by descending score.
+    """
+    counts = [int(p["boxes"].shape[0]) for p in preds]
+    probabilities = readout["cls_logits"].float().softmax(dim=-1)  # [N, C]
+    k = min(classes_per_box, probabilities.shape[1])
+    class_probability, labels = probabilities.topk(k, dim=1)  # [N, k]
+    attributes, attribute_probabilities = _attribute_readout(
+        list(readout["attr_logits"].values()), probabilities.shape[0], probabilities.device
+    )
+    results = []
+    for pred, labels_i, prob_i, attrs_i, attr_p_i in zip(
+        preds,
+        labels.split(counts),
+        class_probability.split(counts),
+        attributes.split(counts),
+        attribute_probabilities.split(counts),
+        strict=True,
+    ):
+        scores = (pred["scores"].float()[:, None] * prob_i).reshape(-1)  # [n * k]
+        order = scores.argsort(descending=True)[:max_detections]
+        box_of = order // k  # which box each kept hypothesis belongs to
+        results.append(
+            {
+                "boxes": pred["boxes"][box_of],
+                "scores": scores[order],
+                "labels": labels_i.reshape(-1)[order],
+                "attributes": attrs_i[box_of],
+                "attribute_scores": attr_p_i[box_of],
+            }
+        )
+    return results
+
+
 @dataclass
 class PostProcessor:
     """`postprocess` with its settings held as config values (for a LightningModule argument).
@@ -142,12 +240,16 @@ class PostProcessor:
         pre_nms_topk: see `postprocess`.
         nms_iou: see `postprocess`.
         max_detections: see `postprocess`.
+        class_agnostic: see `postprocess`.
+        max_containment: see `postprocess`.
     """
 
     score_threshold: float = 0.05
     pre_nms_topk: int = 1000
     nms_iou: float = 0.6
     max_detections: int = 100
+    class_agnostic: bool = False
+    max_containment: float | None = None
 
     def __call__(
         self,
@@ -162,4 +264,6 @@ class PostProcessor:
             nms_iou=self.nms_iou,
             max_detections=self.max_detections,
             image_size=image_size,
+            class_agnostic=self.class_agnostic,
+            max_containment=self.max_containment,
         )
