@@ -338,10 +338,30 @@ def render(
 
 #: Pseudo-label precision from which a row that did not help is explained by redundancy, not errors.
 PRECISE: float = 0.8
+#: A precise row that lost more than this mAP@.5 against masked is not a tie: say what fell.
+CLEAR_LOSS: float = 0.03
 
 
-def why_no_gain(row: RunResult) -> str:
-    """One sentence from a pseudo-label row's own measurements on why it did not beat masked."""
+def _precise_but_worse(found: str, row: RunResult, masked: RunResult) -> str:
+    """Why-line of a row whose pseudo-labels were right at IoU 0.5 and that still lost clearly."""
+    d50, dmap = row.map_50 - masked.map_50, row.map - masked.map
+    text = f"{found}: right at IoU 0.5, yet the row lost {-d50:.3f} mAP@.5 against masked"
+    if dmap < d50:
+        text += (
+            f" and more over IoU .5:.95 ({dmap:+.3f} mAP), which points at pseudo-label boxes "
+            "looser than expert boxes training the box regression"
+        )
+    if row.attr_f1 is not None and masked.attr_f1 is not None and row.attr_f1 < masked.attr_f1:
+        text += (
+            f"; the copied attributes lowered attribute F1 ({masked.attr_f1:.3f} -> "
+            f"{row.attr_f1:.3f})"
+        )
+    return text + " (see docs/pseudo_labels.md)."
+
+
+def why_no_gain(row: RunResult, masked: RunResult | None = None) -> str:
+    """One sentence from a pseudo-label row's own measurements (and the masked row's, when
+    given) on why it did not beat masked."""
     per_image = row.pseudo.get("pseudo_per_image", float("nan"))
     precision = row.pseudo.get("pseudo_precision", float("nan"))
     recall = row.pseudo.get("pseudo_recall", float("nan"))
@@ -356,6 +376,8 @@ def why_no_gain(row: RunResult) -> str:
         f"{per_image:.1f} pseudo-labels per image at precision {precision:.2f} recovered "
         f"{recall:.0%} of the hidden cells outside the regions"
     )
+    if precision >= PRECISE and masked is not None and row.map_50 < masked.map_50 - CLEAR_LOSS:
+        return _precise_but_worse(found, row, masked)
     if precision >= PRECISE:
         return (
             f"{found}: they were right, but they are the cells the model already finds with "
@@ -414,7 +436,7 @@ def findings(results: list[RunResult]) -> list[str]:
                             "cells there had no teacher box and were learnt as background."
                         )
                     if row and masked and delta <= 0:
-                        out.append(f"{head} why ({name}): {why_no_gain(row)}")
+                        out.append(f"{head} why ({name}): {why_no_gain(row, masked)}")
     return out or ["- (no comparable rows)"]
 
 

@@ -137,3 +137,14 @@ def test_why_no_gain_tells_errors_from_redundancy() -> None:
 
     assert "already finds" in study.why_no_gain(row(0.95))
     assert "errors cost more" in study.why_no_gain(row(0.4))
+    # Precise but clearly worse than masked: a tie explanation would be wrong; say what fell.
+    masked = study.RunResult("txl", 0.2, "masked", 0.516, 0.760, 0.633, 1000, 1.0, "b", {})
+    worse = study.RunResult("txl", 0.2, "masked+teacher", 0.428, 0.691, 0.548, 1000, 1.0, "b",
+                            {"pseudo_per_image": 13.2, "pseudo_precision": 0.93, "pseudo_recall": 0.79})
+    text = study.why_no_gain(worse, masked)
+    assert "lost 0.069 mAP@.5" in text and "-0.088 mAP" in text and "0.633 -> 0.548" in text
+    assert "already finds" not in text
+    # Within CLEAR_LOSS of masked it is still read as a tie.
+    tie = study.RunResult("txl", 0.2, "masked+teacher", 0.33, 0.579, 0.35, 400, 1.0, "b", worse.pseudo)
+    assert "already finds" in study.why_no_gain(tie, masked=study.RunResult(
+        "txl", 0.2, "masked", 0.331, 0.580, 0.439, 400, 1.0, "b", {}))
