@@ -72,7 +72,8 @@ class LldModule(L.LightningModule):
             (mAP credits a second guess at a lower score); prediction always writes one.
         loss_mode: ``masked`` ignores everything outside the annotated regions; ``naive`` treats
             it as background (the baseline).
-        loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``).
+        loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``,
+            ``roi_cls``, ``roi_attributes``); missing names keep `DEFAULT_LOSS_WEIGHTS`.
         box_loss: IoU loss for boxes (``giou``, ``diou`` or ``ciou``).
         lr: AdamW learning rate of the neck and heads.
         backbone_lr_mult: the backbone's learning rate is ``lr * backbone_lr_mult``.

@@ -106,8 +106,8 @@ class Detector(nn.Module):
 
         Returns:
             The contract dict (module docstring): ``cls_logits``, ``box_deltas``,
-            ``quality_logits``, ``attr_logits``, ``points``, ``strides`` (and ``roi_feature``,
-            ``roi_features``, ``roi`` with a region read-out).
+            ``quality_logits``, ``attr_logits``, ``points``, ``strides`` (and ``roi_features``,
+            ``roi`` with a region read-out).
         """
         features = self.neck(self.backbone(images))
         outputs: dict[str, Any] = self.head(features)
