@@ -183,6 +183,10 @@ class PseudoLabeller(Callback):
             the teacher sees nothing trains as background (what full annotation gives), and a
             cell the teacher missed even at this score is learnt as background (logged as
             ``train/pseudo_background_miss``).
+        localise: pseudo-labels train the box and quality terms and carry their confident
+            attributes (default). ``False``: they train the class only (box weight 0 through
+            ``box_weights``, attributes ignored), for teachers whose boxes or attributes are
+            less trustworthy than their classes.
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class PseudoLabeller(Callback):
         min_visibility: float = 0.3,
         pre_nms_topk: int = 1000,
         background_threshold: float | None = None,
+        localise: bool = True,
     ) -> None:
         if mode not in MODE_DEFAULTS:
             raise ValueError(f"mode must be one of {sorted(MODE_DEFAULTS)}, got {mode!r}")
@@ -212,6 +217,7 @@ class PseudoLabeller(Callback):
                 f"{background_threshold!r} with mode={mode!r}"
             )
         self.background_threshold = background_threshold
+        self.localise = localise
         default_threshold, default_weight, default_iou = MODE_DEFAULTS[mode]
         self.mode = mode
         self.threshold = default_threshold if threshold is None else float(threshold)
@@ -483,9 +489,10 @@ class PseudoLabeller(Callback):
         capped = rank < self.max_per_image
         index, clipped, img = index[capped], clipped[capped], img[capped]
 
-        pseudo_attributes = torch.where(
-            attribute_scores[index] >= self.attribute_threshold, attributes[index], IGNORE_INDEX
-        )
+        confident = attribute_scores[index] >= self.attribute_threshold
+        if not self.localise:
+            confident = torch.zeros_like(confident)
+        pseudo_attributes = torch.where(confident, attributes[index], IGNORE_INDEX)
         packed = pack_per_image(
             {"boxes": clipped, "labels": labels[index], "attributes": pseudo_attributes},
             img,
@@ -507,6 +514,9 @@ class PseudoLabeller(Callback):
             dim=1,
         )
         batch["weights"] = torch.cat([weights.float(), valid.float() * self.weight], dim=1)
+        box_weights = batch.get("box_weights", weights)
+        box_weight = self.weight if self.localise else 0.0
+        batch["box_weights"] = torch.cat([box_weights.float(), valid.float() * box_weight], dim=1)
 
         stats = {"num_pseudo": torch.tensor(int(index.numel()))}
         unsure_boxes = unsure_image = None

@@ -156,6 +156,8 @@ def run_config(
             )
         if pseudo_mode == "teacher-bg":
             init_args["background_threshold"] = args.background_threshold
+        if pseudo_mode in ("teacher", "teacher-bg") and args.pseudo_class_only:
+            init_args["localise"] = False
         callbacks.append(
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
         )
@@ -327,6 +329,7 @@ def render(
             if args.background_threshold is not None
             else ""
         )
+        + ("; teacher pseudo-labels train the class only" if args.pseudo_class_only else "")
         + "; self-training 0.95 / 0.1; "
         f"class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
@@ -505,6 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="adds the masked+teacher+bg row: the field outside the regions is background except "
         "where the teacher scores at least this (PseudoLabeller background_threshold)",
+    )
+    parser.add_argument(
+        "--pseudo-class-only",
+        action="store_true",
+        help="teacher rows: pseudo-labels train the class only (PseudoLabeller localise=False)",
     )
     parser.add_argument(
         "--roi-readout",

@@ -386,3 +386,19 @@ def test_invalid_arguments_are_rejected() -> None:
     targets["attributes"] = targets["attributes"][..., :1]
     with pytest.raises(ValueError, match="attribute"):
         SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), targets)
+
+
+def test_box_weights_stop_only_box_and_quality() -> None:
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC)
+    outputs = make_outputs(seed=6)
+    targets = two_cell_targets(WHOLE_IMAGE)
+    plain = loss(outputs, targets)
+    targets["box_weights"] = torch.tensor([[1.0, 0.0]])
+    class_only = loss(outputs, targets)
+    # Cell 1 still trains the class and attributes, but not the box or quality.
+    for key in ("cls", "attributes"):
+        assert torch.equal(class_only[key], plain[key]), key
+    only_cell0 = loss(outputs, two_cell_targets(WHOLE_IMAGE, weights=[1.0, 0.0]))
+    for key in ("box", "quality"):
+        assert torch.equal(class_only[key], only_cell0[key]), key
+        assert class_only[key] < plain[key], key

@@ -388,3 +388,16 @@ def test_ignore_boxes_make_background_unknown_in_the_assigner() -> None:
     matched = assign_locations(points, strides, cell, valid, whole, valid,
                                ignore_boxes=ignore, ignore_valid=~valid)
     assert matched.tolist() == plain.tolist()
+
+
+def test_class_only_pseudo_labels_train_no_box_and_no_attributes() -> None:
+    batch = _with_teacher_view(_batch())
+    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.9], [0])]
+    _labeller(threshold=0.5, weight=0.5, localise=False).select_and_append(batch, preds, "teacher_")
+    assert batch["weights"].tolist() == [[1.0, 0.5]]  # the class term still sees it
+    assert batch["box_weights"].tolist() == [[1.0, 0.0]]  # the box and quality terms do not
+    assert batch["attributes"][0, 1].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
+    batch = _with_teacher_view(_batch())
+    _labeller(threshold=0.5, weight=0.5).select_and_append(batch, preds, "teacher_")
+    assert batch["box_weights"].tolist() == [[1.0, 0.5]]
+    assert batch["attributes"][0, 1].tolist() == [1, 0]

@@ -39,6 +39,12 @@ def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
     assert labeller["mode"] == "teacher" and labeller["background_threshold"] == 0.1
     plain = study.run_config(args, Path("run"), "teacher", 240)["trainer"]["callbacks"][-1]
     assert "background_threshold" not in plain["init_args"]
+    assert "localise" not in plain["init_args"]
+    args = study.parse_args(["--datasets", "synthetic", "--pseudo-class-only"])
+    teacher = study.run_config(args, Path("run"), "teacher", 240)["trainer"]["callbacks"][-1]
+    assert teacher["init_args"]["localise"] is False
+    reference = study.run_config(args, Path("run"), "self", 240)["trainer"]["callbacks"][-1]
+    assert "localise" not in reference["init_args"]  # the reference row stays the reference
 
 
 def test_findings_compare_rows() -> None:

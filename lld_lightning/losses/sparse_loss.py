@@ -130,7 +130,9 @@ class SparseDetectionLoss(nn.Module):
             targets: batch keys ``boxes`` float ``[B, M, 4]`` xyxy pixels, ``labels`` int64
                 ``[B, M]`` (``IGNORE_INDEX`` = padding), ``attributes`` int64 ``[B, M, A]``
                 (``IGNORE_INDEX`` = missing), ``regions`` float ``[B, R, 4]``,
-                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]`` and
+                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]``, optional
+                ``box_weights`` float ``[B, M]`` (replaces ``weights`` in the box and quality
+                terms; pseudo-labels that should not train localisation set 0) and
                 optional ``ignore_boxes`` float ``[B, K, 4]`` with ``ignore_valid`` bool
                 ``[B, K]`` (background inside them is ``IGNORE``, see `assign_locations`).
 
@@ -195,6 +197,12 @@ class SparseDetectionLoss(nn.Module):
         image_index, point_index = foreground.nonzero(as_tuple=True)
         cell_index = matched[image_index, point_index]
         positive_weight = weights[image_index, cell_index]  # [N]
+        box_weights = targets.get("box_weights")
+        positive_box_weight = (
+            positive_weight
+            if box_weights is None
+            else box_weights.to(cls_logits.device).float()[image_index, cell_index]
+        )  # [N], box and quality terms only
         predicted = decode_boxes(
             points[point_index],
             strides[point_index],
@@ -202,12 +210,12 @@ class SparseDetectionLoss(nn.Module):
         )  # [N, 4]
         target_boxes = gt_boxes[image_index, cell_index]  # [N, 4]
         box_loss = BOX_LOSSES[self.box_loss](predicted, target_boxes, reduction="none")  # [N]
-        box_term = (box_loss * positive_weight).sum() / normaliser
+        box_term = (box_loss * positive_box_weight).sum() / normaliser
 
         iou = elementwise_iou(predicted.detach(), target_boxes)  # [N]
         quality_logits = outputs["quality_logits"].float()[image_index, point_index]  # [N]
         quality_loss = F.binary_cross_entropy_with_logits(quality_logits, iou, reduction="none")
-        quality_term = (quality_loss * positive_weight).sum() / normaliser
+        quality_term = (quality_loss * positive_box_weight).sum() / normaliser
 
         attribute_loss = cls_logits.new_zeros(())
         positive_attributes = attributes[image_index, cell_index]  # [N, A]
