@@ -168,9 +168,17 @@ class LldModule(L.LightningModule):
         return (self._compiled or self.detector)(images, rois)
 
     def detections(
-        self, outputs: dict[str, Any], image_size: tuple[int, int], classes_per_box: int = 1
+        self,
+        outputs: dict[str, Any],
+        image_size: tuple[int, int],
+        classes_per_box: int = 1,
+        one_per_cell: bool = False,
     ) -> list[dict[str, torch.Tensor]]:
-        """Per-image detections from raw outputs, with this module's post-processing settings."""
+        """Per-image detections from raw outputs, with this module's post-processing settings.
+
+        ``one_per_cell`` makes the dense head's post-processing class-agnostic (the region
+        read-out always is); evaluation keeps every (cell, class) hypothesis, as COCO mAP wants.
+        """
         h = self.hparams
         return self.detector.detections(
             outputs,
@@ -181,12 +189,13 @@ class LldModule(L.LightningModule):
             nms_iou=h.nms_iou,
             max_detections=h.max_detections,
             max_containment=h.max_containment,
+            class_agnostic=one_per_cell,
         )
 
     def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Per-image detections (boxes in input pixels, scores, labels, attributes); with a
-        region read-out, one class per cell."""
-        return self.detections(self(images), tuple(images.shape[-2:]))
+        """Per-image detections (boxes in input pixels, scores, labels, attributes), one class
+        per cell: what `lld predict` writes."""
+        return self.detections(self(images), tuple(images.shape[-2:]), one_per_cell=True)
 
     def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights[name] * terms[name] for name in LOSS_TERMS)

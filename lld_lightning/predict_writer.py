@@ -45,10 +45,10 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: where to write; ``None`` = ``<trainer.default_root_dir>/predictions``.
         overlays: draw one PNG per image.
         min_score: cells below this score are not written.
-        cell_iou: one class per cell: of detections overlapping at IoU above this (whatever their
-            class) only the highest-scoring one is written. The model's post-processing keeps one
-            detection per (cell, class) hypothesis, which COCO mAP wants but a reader does not;
-            ``None`` writes every hypothesis.
+        cell_iou: of written cells overlapping at IoU above this (whatever their class) only the
+            highest-scoring one is written. `LldModule.detect` already gives one class per cell
+            (class-agnostic post-processing at the model's ``nms_iou``, 0.6 by default); this is
+            the output's own, stricter guarantee. ``None`` writes what the model returned.
     """
 
     def __init__(

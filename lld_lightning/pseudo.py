@@ -519,17 +519,20 @@ class PseudoLabeller(Callback):
         batch["box_weights"] = torch.cat([box_weights.float(), valid.float() * box_weight], dim=1)
 
         stats = {"num_pseudo": torch.tensor(int(index.numel()))}
-        unsure_boxes = unsure_image = None
         if self.background_threshold is not None:
-            unsure_boxes, unsure_image = self._background(
-                batch, boxes[unsure], image_index[unsure], prefix, to_student, bounds
+            # Only unsure boxes outside the expert regions: inside, the expert labelled everything.
+            unsure_boxes, unsure_image = boxes[unsure], image_index[unsure]  # image-major
+            outside = ~points_in_boxes(
+                box_centres(unsure_boxes),
+                batch[f"{prefix}regions"].float()[unsure_image],
+                batch[f"{prefix}region_valid"][unsure_image],
             )
+            unsure_boxes, unsure_image = unsure_boxes[outside], unsure_image[outside]
+            self._background(batch, unsure_boxes, unsure_image, to_student, bounds)
         if "hidden_boxes" in batch:
             stats.update(self._quality(batch, boxes[index], labels[index], img, prefix))
-            if unsure_boxes is not None:
-                stats["num_missed"] = self._missed(
-                    batch, boxes[unsure], image_index[unsure], prefix
-                )
+            if self.background_threshold is not None:
+                stats["num_missed"] = self._missed(batch, unsure_boxes, unsure_image, prefix)
         return stats
 
     def _background(
@@ -537,29 +540,19 @@ class PseudoLabeller(Callback):
         batch: dict[str, Any],
         boxes: Tensor,
         image_index: Tensor,
-        prefix: str,
         to_student: Tensor,
         bounds: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> None:
         """Make the student's whole field a region and the teacher's unsure boxes ignore boxes.
 
         Args:
-            boxes: ``[n, 4]`` teacher detections scoring at least ``background_threshold``, in
-                the teacher's view; ``image_index`` ``[n]`` their image.
+            boxes: ``[n, 4]`` teacher detections outside the expert regions scoring at least
+                ``background_threshold``, in the teacher's view; ``image_index`` ``[n]`` their
+                image, sorted (image-major).
             to_student: ``[B, 3, 3]`` teacher view -> student view.
             bounds: ``[B, 4]`` the image content in the student's view.
-
-        Returns:
-            The ignore boxes in the student's view and their image index.
         """
         batch_size = batch["image"].shape[0]
-        regions = batch[f"{prefix}regions"].float()
-        outside = ~points_in_boxes(
-            box_centres(boxes), regions[image_index], batch[f"{prefix}region_valid"][image_index]
-        )
-        boxes, image_index = boxes[outside], image_index[outside]
-        order = torch.sort(image_index, stable=True).indices
-        boxes, image_index = boxes[order], image_index[order]
         moved = transform_boxes(boxes[:, None], to_student[image_index])[:, 0]
         clipped = clip_boxes(moved[:, None], bounds[image_index])[:, 0]
         packed = pack_per_image({"boxes": clipped}, image_index, batch_size)
@@ -576,20 +569,19 @@ class PseudoLabeller(Callback):
         batch["region_valid"] = torch.cat(
             [batch["region_valid"], torch.ones_like(batch["region_valid"][:, :1])], dim=1
         )
-        return clipped, image_index
 
     def _missed(
         self, batch: dict[str, Any], boxes: Tensor, image_index: Tensor, prefix: str
     ) -> Tensor:
-        """Hidden cells outside the regions whose centre no unsure teacher box covers.
+        """Hidden cells outside the regions whose centre no ignore box covers (``boxes``: the
+        unsure teacher boxes outside the regions, teacher's view, image-major).
 
         Those are learnt as background under ``background_threshold``. Counted in the
         teacher's view over the same hidden cells as ``num_hidden``.
         """
         batch_size, num_hidden = batch["hidden_labels"].shape
         centres, outside = self._hidden_outside(batch, prefix)  # [B * H, 2], [B, H]
-        order = torch.sort(image_index, stable=True)
-        packed = pack_per_image({"boxes": boxes[order.indices]}, order.values, batch_size)
+        packed = pack_per_image({"boxes": boxes}, image_index, batch_size)
         covered = points_in_boxes(
             centres,
             packed["boxes"].repeat_interleave(num_hidden, dim=0),

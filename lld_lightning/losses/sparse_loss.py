@@ -256,11 +256,11 @@ class SparseDetectionLoss(nn.Module):
             return zero, zero
         image_index, cell_index = roi["image_index"], roi["cell_index"]
         count = mean_over_ranks(weights.new_tensor(float(image_index.numel()))).clamp(min=1.0)
-        box_weight = weights[image_index, cell_index]  # [N]
+        cell_weight = weights[image_index, cell_index]  # [N]
         cls_loss = F.cross_entropy(
             roi["cls_logits"].float(), labels[image_index, cell_index], reduction="none"
         )
-        cls_term = (cls_loss * box_weight).sum() / count
+        cls_term = (cls_loss * cell_weight).sum() / count
         attribute_loss = zero
         cell_attributes = attributes[image_index, cell_index]  # [N, A]
         for column, name in enumerate(self.attribute_spec):
@@ -270,7 +270,7 @@ class SparseDetectionLoss(nn.Module):
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
-            attribute_loss = attribute_loss + (per_box * box_weight).sum()
+            attribute_loss = attribute_loss + (per_box * cell_weight).sum()
         return cls_term, attribute_loss / count
 
 

@@ -200,35 +200,38 @@ def apply_readout(
     Returns:
         Per image, the keys of `postprocess`, sorted by descending score.
     """
-    counts = [int(p["boxes"].shape[0]) for p in preds]
+    batch = len(preds)
     probabilities = readout["cls_logits"].float().softmax(dim=-1)  # [N, C]
+    device = probabilities.device
     k = min(classes_per_box, probabilities.shape[1])
     class_probability, labels = probabilities.topk(k, dim=1)  # [N, k]
     attributes, attribute_probabilities = _attribute_readout(
-        list(readout["attr_logits"].values()), probabilities.shape[0], probabilities.device
+        list(readout["attr_logits"].values()), probabilities.shape[0], device
     )
-    results = []
-    for pred, labels_i, prob_i, attrs_i, attr_p_i in zip(
-        preds,
-        labels.split(counts),
-        class_probability.split(counts),
-        attributes.split(counts),
-        attribute_probabilities.split(counts),
-        strict=True,
-    ):
-        scores = (pred["scores"].float()[:, None] * prob_i).reshape(-1)  # [n * k]
-        order = scores.argsort(descending=True)[:max_detections]
-        box_of = order // k  # which box each kept hypothesis belongs to
-        results.append(
-            {
-                "boxes": pred["boxes"][box_of],
-                "scores": scores[order],
-                "labels": labels_i.reshape(-1)[order],
-                "attributes": attrs_i[box_of],
-                "attribute_scores": attr_p_i[box_of],
-            }
-        )
-    return results
+    boxes = torch.cat([p["boxes"] for p in preds]) if preds else probabilities.new_zeros((0, 4))
+    objectness = torch.cat([p["scores"].float() for p in preds]) if preds else boxes[:, 0]
+    counts = torch.tensor([int(p["boxes"].shape[0]) for p in preds], device=device)
+    box_image = torch.repeat_interleave(torch.arange(batch, device=device), counts)  # [N]
+
+    # All B * N * k hypotheses at once: score order, then a stable sort by image, then a per-image
+    # rank cap (as in `postprocess`), with no loop over images.
+    scores = (objectness[:, None] * class_probability).reshape(-1)  # [N * k]
+    order = scores.argsort(descending=True)
+    order = order[torch.sort(box_image[order // k], stable=True).indices]
+    image = box_image[order // k]
+    per_image = torch.bincount(image, minlength=batch)
+    rank = torch.arange(order.numel(), device=device) - (per_image.cumsum(0) - per_image)[image]
+    order = order[rank < max_detections]
+    box_of = order // k  # the box each kept hypothesis belongs to
+    split_sizes = per_image.clamp(max=max_detections).tolist()
+    per_key = {
+        "boxes": boxes[box_of].split(split_sizes),
+        "scores": scores[order].split(split_sizes),
+        "labels": labels.reshape(-1)[order].split(split_sizes),
+        "attributes": attributes[box_of].split(split_sizes),
+        "attribute_scores": attribute_probabilities[box_of].split(split_sizes),
+    }
+    return [{key: parts[i] for key, parts in per_key.items()} for i in range(batch)]
 
 
 @dataclass

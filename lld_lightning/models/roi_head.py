@@ -70,8 +70,10 @@ def training_rois(
         n = exact.shape[0]
         size = (exact[:, 2:] - exact[:, :2]).repeat(copies - 1, 1)  # [n * (c-1), 2]
         centre = ((exact[:, 2:] + exact[:, :2]) / 2).repeat(copies - 1, 1)
-        noise = torch.rand((n * (copies - 1), 4), generator=generator, device=exact.device) * 2 - 1
-        noise = noise.to(exact.device)
+        # Drawn where the generator lives (a CPU generator cannot fill a CUDA tensor), then moved.
+        noise_device = generator.device if generator is not None else exact.device
+        noise = torch.rand((n * (copies - 1), 4), generator=generator, device=noise_device)
+        noise = noise.to(exact.device) * 2 - 1
         centre = centre + noise[:, :2] * jitter * size
         size = size * (1 + noise[:, 2:] * jitter)
         jittered = torch.cat([centre - size / 2, centre + size / 2], dim=1)
