@@ -65,6 +65,13 @@ class LldModule(L.LightningModule):
             classification tower).
         roi_readout: read each cell's class and attributes from features pooled over its whole
             box (`RoiHead`); the dense head then proposes one box per cell.
+        roi_fine: the read-out pools a level at stride 4 (`FineLevel`, built from the backbone
+            stage before ``out_indices``) instead of the finest pyramid level (stride 8).
+        roi_pool: side of the read-out's pooled grid (7, or 14 max-pooled to 7 after its convs).
+        roi_attribute_branch: the read-out's attributes get their own conv tower and FC layer
+            (their loss then does not reshape the read-out's class features).
+        roi_pixel_crop: > 0: the read-out's attributes also read each box's input pixels,
+            resampled to this side and encoded by a small CNN of their own (`CropEncoder`).
         roi_copies: read-outs per expert cell in a training step (the first exact, the others
             jittered by ``roi_jitter`` of the box size).
         roi_jitter: see ``roi_copies``.
@@ -100,6 +107,10 @@ class LldModule(L.LightningModule):
         head_convs: int = 2,
         attribute_convs: int = 0,
         roi_readout: bool = False,
+        roi_fine: bool = False,
+        roi_pool: int = 7,
+        roi_attribute_branch: bool = False,
+        roi_pixel_crop: int = 0,
         roi_copies: int = 2,
         roi_jitter: float = 0.1,
         classes_per_box: int = 3,
@@ -148,6 +159,10 @@ class LldModule(L.LightningModule):
             attribute_convs=attribute_convs,
             pretrained_file=pretrained_file,
             roi_readout=roi_readout,
+            roi_fine=roi_fine,
+            roi_pool=roi_pool,
+            roi_attribute_branch=roi_attribute_branch,
+            roi_pixel_crop=roi_pixel_crop,
         )
         if channels_last:
             self.detector = self.detector.to(memory_format=torch.channels_last)
@@ -297,6 +312,10 @@ class LldModule(L.LightningModule):
         return results
 
     # --------------------------------------------------------------------------- optimiser
+    def set_schedule_steps(self, steps: int) -> None:
+        """Length of the warm-up + cosine schedule in optimizer steps (`TimeBudget` moves it)."""
+        self._schedule_steps = max(1, int(steps))
+
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         backbone_ids = {id(p) for p in self.detector.backbone.parameters()}
@@ -312,14 +331,21 @@ class LldModule(L.LightningModule):
              "weight_decay": 0.0 if no_decay else h.weight_decay}
             for (is_backbone, no_decay), params in sorted(groups.items())
         ]
-        # One fused kernel for the whole update on a GPU instead of a launch per tensor group.
+        # One fused kernel for the whole update on a GPU instead of a launch per tensor group;
+        # Lightning's mixed precision cannot clip the gradients of a fused optimizer, so with
+        # gradient clipping (every shipped config) the multi-tensor (foreach) path runs instead.
+        clipping = bool(getattr(self.trainer, "gradient_clip_val", None))
         optimizer = torch.optim.AdamW(
-            param_groups, lr=h.lr, weight_decay=h.weight_decay, fused=self.device.type == "cuda"
+            param_groups,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            fused=self.device.type == "cuda" and not clipping,
         )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(h.warmup_steps, max(0, total_steps - 1))
+        self.set_schedule_steps(int(self.trainer.estimated_stepping_batches))
 
         def schedule(step: int) -> float:
+            total_steps = self._schedule_steps
+            warmup = min(h.warmup_steps, max(0, total_steps - 1))
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))

@@ -163,6 +163,8 @@ class PseudoLabeller(Callback):
             default (1.0 for ``teacher``, 0.1 for ``self``).
         warmup_steps: optimizer steps on expert labels only; the teacher starts as a copy of the
             student at this step and is an EMA of it afterwards.
+        warmup_fraction: instead of ``warmup_steps``, this fraction of the run's ``max_steps``
+            (read at every step, so it follows a `TimeBudget`'s estimate of the run's length).
         ema_decay: EMA decay of the teacher per optimizer step (about ``1 / (1 - decay)`` steps of
             memory: 0.999 for long runs, 0.99 for a few hundred steps).
         attribute_threshold: an attribute is copied only where its predicted probability reaches
@@ -187,6 +189,11 @@ class PseudoLabeller(Callback):
             attributes (default). ``False``: they train the class only (box weight 0 through
             ``box_weights``, attributes ignored), for teachers whose boxes or attributes are
             less trustworthy than their classes.
+        expert_normaliser: the loss's positive count (which divides every term) counts the
+            expert cells only (``normaliser_weights`` 0 for pseudo-labels), so pseudo-labels add
+            their terms on top of the expert loss instead of rescaling it. ``False`` (default,
+            what `docs/results/sparse.md` was measured with): every positive counts, so a
+            field full of pseudo-labels shrinks the expert cells' and the background's share.
     """
 
     def __init__(
@@ -195,6 +202,7 @@ class PseudoLabeller(Callback):
         class_thresholds: dict[str, float] | None = None,
         weight: float | None = None,
         warmup_steps: int = 200,
+        warmup_fraction: float | None = None,
         ema_decay: float = 0.999,
         attribute_threshold: float = 0.7,
         mode: PseudoMode = "teacher",
@@ -206,6 +214,7 @@ class PseudoLabeller(Callback):
         pre_nms_topk: int = 1000,
         background_threshold: float | None = None,
         localise: bool = True,
+        expert_normaliser: bool = False,
     ) -> None:
         if mode not in MODE_DEFAULTS:
             raise ValueError(f"mode must be one of {sorted(MODE_DEFAULTS)}, got {mode!r}")
@@ -218,6 +227,7 @@ class PseudoLabeller(Callback):
             )
         self.background_threshold = background_threshold
         self.localise = localise
+        self.expert_normaliser = expert_normaliser
         default_threshold, default_weight, default_iou = MODE_DEFAULTS[mode]
         self.mode = mode
         self.threshold = default_threshold if threshold is None else float(threshold)
@@ -230,7 +240,11 @@ class PseudoLabeller(Callback):
             raise ValueError("pseudo-label thresholds must lie in [0, 1]")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay}")
+        if warmup_fraction is not None and not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {warmup_fraction}")
         self.warmup_steps = warmup_steps
+        self.warmup_fraction = warmup_fraction
+        self._run_steps: int | None = None  # the trainer's max_steps, for warmup_fraction
         self.ema_decay = ema_decay
         self.attribute_threshold = attribute_threshold
         self.nms_iou = nms_iou
@@ -292,7 +306,11 @@ class PseudoLabeller(Callback):
 
     def active(self, global_step: int) -> bool:
         """Whether pseudo-labels are made at this optimizer step (after the warm-up)."""
-        return global_step >= self.warmup_steps
+        if self.warmup_fraction is None:
+            return global_step >= self.warmup_steps
+        if self._run_steps is None or self._run_steps < 0:
+            raise ValueError("warmup_fraction needs a run with max_steps (or a TimeBudget)")
+        return global_step >= self.warmup_fraction * self._run_steps
 
     def on_train_batch_end(
         self,
@@ -302,6 +320,8 @@ class PseudoLabeller(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self.warmup_fraction is not None:
+            self._run_steps = int(trainer.max_steps)
         # One EMA update per optimizer step (global_step counts them, also under accumulation).
         if self.teacher is not None and trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
@@ -312,6 +332,8 @@ class PseudoLabeller(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.warmup_fraction is not None:
+            self._run_steps = int(trainer.max_steps)
         if not self.active(trainer.global_step):
             return
         if self.teacher is not None and int(self.teacher.n_averaged) == 0:
@@ -517,6 +539,11 @@ class PseudoLabeller(Callback):
         box_weights = batch.get("box_weights", weights)
         box_weight = self.weight if self.localise else 0.0
         batch["box_weights"] = torch.cat([box_weights.float(), valid.float() * box_weight], dim=1)
+        if self.expert_normaliser:
+            counted = batch.get("normaliser_weights", torch.ones_like(weights))
+            batch["normaliser_weights"] = torch.cat(
+                [counted.float(), torch.zeros_like(valid, dtype=torch.float32)], dim=1
+            )
 
         stats = {"num_pseudo": torch.tensor(int(index.numel()))}
         if self.background_threshold is not None:

@@ -40,6 +40,8 @@ ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
     ("masked+self", "masked", "self", True),
     # Only with --background-threshold: the teacher also turns the empty field into background.
     ("masked+teacher+bg", "masked", "teacher-bg", True),
+    # Only when named in --rows: the teacher with the expert-only loss normaliser.
+    ("masked+teacher+norm", "masked", "teacher-norm", True),
 )
 
 
@@ -80,6 +82,7 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         # table in docs/results/sparse.md was measured) do not change the study's model.
         "model.roi_readout": args.roi_readout,
         "model.max_containment": 0.5 if args.roi_readout else None,
+        "model.roi_pixel_crop": 0,  # nor configs/sparse.yaml's pixel crops (added later still)
     }
     if args.quick:
         # Seconds: the tiny model on a tiny synthetic set (what tests/test_study.py runs).
@@ -119,7 +122,7 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
             "configs/txl.yaml",
             {
                 **common,
-                "data.root": str(TXL_ROOT),
+                "data.root": str(args.txl_root),
                 "data.image_size": args.txl_image_size,
             },
             args.txl_steps if args.max_steps is None else args.max_steps,
@@ -145,18 +148,30 @@ def run_config(
             },
         }
     ]
+    budget = args.budget_minutes is not None
+    if budget:
+        callbacks.append(
+            {
+                "class_path": "lld_lightning.time_budget.TimeBudget",
+                "init_args": {"minutes": args.budget_minutes},
+            }
+        )
     if pseudo_mode is not None:
         init_args: dict[str, Any] = {
-            "mode": "teacher" if pseudo_mode == "teacher-bg" else pseudo_mode,
+            "mode": "teacher" if pseudo_mode.startswith("teacher") else pseudo_mode,
             "warmup_steps": int(args.pseudo_warmup * max_steps),
         }
-        if pseudo_mode in ("teacher", "teacher-bg"):
+        if budget:  # the run's length is known only as it goes
+            init_args["warmup_fraction"] = args.pseudo_warmup
+        if pseudo_mode.startswith("teacher"):
             init_args.update(
                 threshold=args.threshold, weight=args.pseudo_weight, ema_decay=args.ema_decay
             )
         if pseudo_mode == "teacher-bg":
             init_args["background_threshold"] = args.background_threshold
-        if pseudo_mode in ("teacher", "teacher-bg") and args.pseudo_class_only:
+        if pseudo_mode == "teacher-norm":
+            init_args["expert_normaliser"] = True
+        if pseudo_mode.startswith("teacher") and args.pseudo_class_only:
             init_args["localise"] = False
         callbacks.append(
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
@@ -170,14 +185,17 @@ def run_config(
         "enable_progress_bar": False,
         "callbacks": callbacks,
     }
-    if args.budget_minutes is not None:
-        trainer["max_time"] = {"minutes": args.budget_minutes}
+    if budget:
+        # TimeBudget sets the steps; validation every budget / validations seconds (and at the end).
+        trainer["max_steps"] = -1
+        seconds = max(1, round(60 * args.budget_minutes / args.validations))  # Lightning: int
+        trainer["val_check_interval"] = {"seconds": seconds}
     if args.quick:
         trainer.update(limit_val_batches=1, limit_test_batches=2, num_sanity_val_steps=0)
     return {
         "seed_everything": args.seed,
         "trainer": trainer,
-        "model": {"warmup_steps": min(100, max(1, max_steps // 10))},
+        "model": {"warmup_steps": 100 if budget else min(100, max(1, max_steps // 10))},
     }
 
 
@@ -246,6 +264,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, str, st
             for name, loss_mode, pseudo_mode, sparse in ROWS[1:]:
                 if pseudo_mode == "teacher-bg" and args.background_threshold is None:
                     continue
+                if pseudo_mode == "teacher-norm" and name not in (args.rows or ()):
+                    continue
                 if sparse:
                     runs.append((dataset, fraction, name, loss_mode, pseudo_mode))
     if args.rows:
@@ -261,9 +281,11 @@ def machine() -> str:
     cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    # Float reductions depend on the thread count: runs are comparable at equal counts only.
     return (
-        f"{cpu}, {cores} cores usable, {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, lightning {lightning.__version__}"
+        f"{cpu}, {cores} cores usable, {torch.get_num_threads()} torch threads, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {lightning.__version__}"
     )
 
 
@@ -312,7 +334,11 @@ def render(
     steps = {name: specs[name].max_steps for name in dict.fromkeys(r.dataset for r in results)}
     budget = "optimizer steps per run: " + ", ".join(f"{k} {v}" for k, v in steps.items())
     if args.budget_minutes is not None:
-        budget += f", at most {args.budget_minutes} min of training per run"
+        budget = (
+            f"{args.budget_minutes} min of training per run (`TimeBudget`: each run's steps, "
+            "in the table, follow its own measured speed; the schedule and the pseudo-label "
+            "warm-up scale with them)"
+        )
     lines += [
         "",
         "## How it was made",
@@ -330,6 +356,12 @@ def render(
             else ""
         )
         + ("; teacher pseudo-labels train the class only" if args.pseudo_class_only else "")
+        + (
+            "; the +norm row's pseudo-labels add their loss on top of the expert loss without "
+            "counting in its positive count (`expert_normaliser`)"
+            if any(r.row == "masked+teacher+norm" for r in results)
+            else ""
+        )
         + "; self-training 0.95 / 0.1; "
         f"class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
@@ -402,9 +434,16 @@ def findings(results: list[RunResult]) -> list[str]:
         for fraction in dict.fromkeys(
             r.fraction for r in results if r.dataset == dataset and r.fraction
         ):
-            naive, masked, teacher, selft, background = (
+            naive, masked, teacher, selft, background, norm = (
                 index.get((dataset, fraction, row))
-                for row in ("naive", "masked", "masked+teacher", "masked+self", "masked+teacher+bg")
+                for row in (
+                    "naive",
+                    "masked",
+                    "masked+teacher",
+                    "masked+self",
+                    "masked+teacher+bg",
+                    "masked+teacher+norm",
+                )
             )
             head = f"- {dataset}, fraction {fraction}:"
             if naive and masked:
@@ -417,6 +456,7 @@ def findings(results: list[RunResult]) -> list[str]:
                 ("EMA teacher", teacher),
                 ("self-training", selft),
                 ("EMA teacher + background", background),
+                ("EMA teacher, expert-only normaliser", norm),
             ):
                 if row and masked:
                     delta = row.map_50 - masked.map_50
@@ -475,7 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--txl-steps", type=int, default=400, help="optimizer steps per TXL-PBC run"
     )
     parser.add_argument(
-        "--budget-minutes", type=float, help="also stop each fit after this many minutes"
+        "--budget-minutes",
+        type=float,
+        help="train each run for this many minutes (TimeBudget) instead of a step count",
     )
     parser.add_argument(
         "--validations", type=int, default=2, help="validations per run (best checkpoint)"
@@ -519,13 +561,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="class and attributes from the region read-out (LldModule roi_readout)",
     )
+    parser.add_argument(
+        "--txl-root", default=str(TXL_ROOT), help="TXL-PBC folder (default: ../shared)"
+    )
     parser.add_argument("--runs-dir", default="runs/study")
     parser.add_argument("--out", default="docs/results/sparse.md")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny model and data (tests)")
     parser.add_argument(
         "--render-from",
         metavar="JSON",
-        help="train nothing: rewrite --out from a study's JSON (its command, machine and numbers)",
+        nargs="+",
+        help="train nothing: rewrite --out from a study's JSON (its command, machine and "
+        "numbers); several JSONs (e.g. one process per row) make one table",
     )
     args = parser.parse_args(argv)
     if args.render_from:
@@ -539,23 +586,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         args.pseudo_warmup, args.backbone, args.fpn_channels = 0.5, "test_resnet", 32
         args.batch_size, args.num_workers = 2, 0
-    if "txl" in args.datasets and not TXL_ROOT.exists():
-        parser.error(f"TXL-PBC not found at {TXL_ROOT}; drop it with --datasets synthetic")
+    if "txl" in args.datasets and not Path(args.txl_root).exists():
+        parser.error(f"TXL-PBC not found at {args.txl_root}; drop it with --datasets synthetic")
     return args
 
 
-def rerender(source: Path, out: Path) -> list[RunResult]:
-    """Rewrite the Markdown report from a study's JSON (e.g. after the findings text changed)."""
-    record = json.loads(source.read_text())
-    results = [RunResult(**r) for r in record["results"]]
-    date = record.get("date") or dt.datetime.fromtimestamp(source.stat().st_mtime).isoformat(
+def rerender(sources: list[Path], out: Path) -> list[RunResult]:
+    """Rewrite the Markdown report from a study's JSON (e.g. after the findings text changed).
+
+    Several JSONs (e.g. one process per row, run at the same time) make one table: their rows
+    in the order given, the first one's settings, every command, the longest total time.
+    """
+    records = [json.loads(source.read_text()) for source in sources]
+    results = [RunResult(**r) for record in records for r in record["results"]]
+    record = records[0]
+    date = record.get("date") or dt.datetime.fromtimestamp(sources[0].stat().st_mtime).isoformat(
         timespec="minutes"
     )
+    command = " & ".join(r["command"] for r in records)
+    if len(records) > 1:
+        command += " (separate processes; then `--render-from` their JSONs)"
     # Defaults of flags added after the run (e.g. --roi-readout) fill what the record lacks.
-    args = argparse.Namespace(**{**vars(parse_args(["--render-from", str(source)])), **record["args"]})
-    text = render(results, args, record["command"], record["total_s"], record["machine"], date)
+    defaults = vars(parse_args(["--render-from", *map(str, sources)]))
+    args = argparse.Namespace(**{**defaults, **record["args"]})
+    total = max(r["total_s"] for r in records)
+    text = render(results, args, command, total, record["machine"], date)
     out.write_text(text)
-    print(f"[study] rewrote {out} from {source}", flush=True)
+    if len(records) > 1:
+        out.with_suffix(".json").write_text(
+            json.dumps(
+                {**record, "command": command, "total_s": total,
+                 "results": [asdict(r) for r in results]},
+                indent=2,
+            )
+        )
+    print(f"[study] rewrote {out} from {', '.join(map(str, sources))}", flush=True)
     return results
 
 
@@ -564,7 +629,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     if args.render_from:
-        return rerender(Path(args.render_from), Path(args.out))
+        return rerender([Path(source) for source in args.render_from], Path(args.out))
     command = "python -m lld_lightning.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     specs = dataset_specs(args)
     start = time.perf_counter()

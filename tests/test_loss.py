@@ -402,3 +402,22 @@ def test_box_weights_stop_only_box_and_quality() -> None:
     for key in ("box", "quality"):
         assert torch.equal(class_only[key], only_cell0[key]), key
         assert class_only[key] < plain[key], key
+
+
+def test_normaliser_weights_only_change_the_divisor() -> None:
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC)
+    outputs = make_outputs(seed=6)
+    default = loss(outputs, two_cell_targets(WHOLE_IMAGE, weights=[1.0, 0.5]))
+    targets = two_cell_targets(WHOLE_IMAGE, weights=[1.0, 0.5])
+    targets["normaliser_weights"] = torch.tensor([[1.0, 1.0]])
+    ones = loss(outputs, targets)
+    for key in TERMS:
+        assert torch.equal(default[key], ones[key]), key
+    # Cell 1 (a pseudo-label, say) counted 0: the positive count is cell 0's alone, and every
+    # term is the same sum over a smaller divisor.
+    targets["normaliser_weights"] = torch.tensor([[1.0, 0.0]])
+    expert = loss(outputs, targets)
+    assert expert["num_foreground"].item() == len(CELL0_LOCATIONS)
+    scale = default["num_foreground"] / expert["num_foreground"]
+    for key in ("cls", "box", "quality", "attributes"):
+        assert expert[key].item() == pytest.approx((default[key] * scale).item(), rel=1e-6), key

@@ -74,3 +74,37 @@ def test_optimizer_groups_backbone_multiplier_and_no_decay() -> None:
     assert factors[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
     assert factors[-1] > module.hparams.min_lr_ratio - 1e-9
+
+
+@pytest.mark.parametrize("clip, fused", [(10.0, False), (None, True)])
+def test_fused_adamw_only_without_gradient_clipping(
+    clip: float | None, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning's mixed precision refuses to clip a fused optimizer's gradients (seen on an
+    # H200 with every shipped config), so a GPU run with clipping takes the foreach path.
+    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+        gradient_clip_val = clip
+
+    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    monkeypatch.setattr(LldModule, "device", property(lambda self: torch.device("cuda")))
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert bool(optimizer.defaults["fused"]) is fused
+
+
+def test_schedule_length_can_move() -> None:
+    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1, warmup_steps=0)
+
+    class FakeTrainer:
+        estimated_stepping_batches = 1000
+        gradient_clip_val = None
+
+    module._trainer = FakeTrainer()  # type: ignore[assignment]
+    config = module.configure_optimizers()
+    scheduler = config["lr_scheduler"]["scheduler"]
+    module.set_schedule_steps(10)  # e.g. a TimeBudget measured the speed: 10 steps fit
+    for _ in range(10):
+        scheduler.step()
+    assert scheduler.get_last_lr()[-1] == pytest.approx(module.hparams.lr * module.hparams.min_lr_ratio)

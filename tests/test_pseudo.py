@@ -401,3 +401,29 @@ def test_class_only_pseudo_labels_train_no_box_and_no_attributes() -> None:
     _labeller(threshold=0.5, weight=0.5).select_and_append(batch, preds, "teacher_")
     assert batch["box_weights"].tolist() == [[1.0, 0.5]]
     assert batch["attributes"][0, 1].tolist() == [1, 0]
+
+
+def test_warmup_fraction_follows_the_runs_length() -> None:
+    labeller = PseudoLabeller(warmup_fraction=0.5)
+    labeller._run_steps = 100
+    assert not labeller.active(49) and labeller.active(50)
+    labeller._run_steps = 40  # a TimeBudget shortened the run
+    assert labeller.active(20)
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        PseudoLabeller(warmup_fraction=1.0)
+    labeller._run_steps = -1
+    with pytest.raises(ValueError, match="max_steps"):
+        labeller.active(0)
+
+
+def test_expert_normaliser_counts_only_the_expert_cells() -> None:
+    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.9], [0])]
+    batch = _with_teacher_view(_batch())
+    _labeller(threshold=0.5, weight=0.5, expert_normaliser=True).select_and_append(
+        batch, preds, "teacher_"
+    )
+    assert batch["weights"].tolist() == [[1.0, 0.5]]
+    assert batch["normaliser_weights"].tolist() == [[1.0, 0.0]]
+    batch = _with_teacher_view(_batch())
+    _labeller(threshold=0.5, weight=0.5).select_and_append(batch, preds, "teacher_")
+    assert "normaliser_weights" not in batch  # the default: every positive counts

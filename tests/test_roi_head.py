@@ -224,3 +224,59 @@ def test_lld_spec_readout_builds_from_module() -> None:
     module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1, roi_readout=True)
     assert module.detector.roi_head is not None
     assert set(module.detector.roi_head.attr_preds) == set(LLD_ATTRIBUTE_SPEC)
+
+
+# Pixel crops (`CropEncoder`) and the finer read-out levels.
+def test_pixel_crops_see_only_their_box() -> None:
+    from lld_lightning.models.crop_encoder import CropEncoder
+
+    torch.manual_seed(0)
+    encoder = CropEncoder(crop_size=16, context=1.0, width=4).eval()
+    images = torch.full((1, 3, 64, 64), 0.5)
+    boxes = [torch.tensor([[8.0, 8.0, 24.0, 24.0], [40.0, 40.0, 56.0, 56.0]])]
+    before = encoder(images, boxes)
+    assert before.shape == (2, encoder.out_dim)
+    images[0, :, 14:17, 14:17] = 1.0  # a white dot (a vacuole) inside the first box only
+    after = encoder(images, boxes)
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[1], before[1])
+
+
+def test_pixel_crop_read_out_needs_images_and_trains_only_attributes() -> None:
+    head = RoiHead(8, 3, SPEC, stride=8, pixel_crop=16)
+    features = [torch.randn(1, 8, 8, 8)]
+    boxes = [torch.tensor([[8.0, 8.0, 40.0, 40.0]])]
+    with pytest.raises(ValueError, match="needs the input images"):
+        head(features, boxes)
+    images = torch.rand(1, 3, 64, 64)
+    out = head(features, boxes, images)
+    assert out["attr_logits"]["size"].shape == (1, 3)
+    out["cls_logits"].sum().backward(retain_graph=True)  # the class does not read the crops
+    assert all(p.grad is None for p in head.crop_encoder.parameters())
+    sum(v.sum() for v in out["attr_logits"].values()).backward()
+    assert all(p.grad is not None for p in head.crop_encoder.parameters())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"roi_fine": True}, {"roi_fine": True, "roi_pool": 14}, {"roi_attribute_branch": True},
+     {"roi_pixel_crop": 16}],
+)
+def test_read_out_variants_detect_and_train(options: dict) -> None:
+    detector = build_detector(
+        "test_resnet", 3, SPEC, fpn_channels=16, head_convs=1, roi_readout=True, **options
+    )
+    images = torch.rand(2, 3, 64, 64)
+    rois = [torch.tensor([[4.0, 4.0, 30.0, 30.0]]), torch.tensor([[20.0, 10.0, 50.0, 44.0]])]
+    out = detector(images, rois=rois)
+    assert out["roi"]["cls_logits"].shape == (2, 3)
+    sum(v.sum() for v in out["roi"]["attr_logits"].values()).backward()
+    detector.eval()
+    with torch.no_grad():
+        dets = detector.detections(detector(images), image_size=(64, 64), classes_per_box=2)
+    assert len(dets) == 2 and dets[0]["attributes"].shape[1] == len(SPEC)
+
+
+def test_fine_level_needs_the_read_out() -> None:
+    with pytest.raises(ValueError, match="roi_fine needs roi_readout"):
+        build_detector("test_resnet", 3, SPEC, roi_fine=True)

@@ -154,3 +154,57 @@ def test_why_no_gain_tells_errors_from_redundancy() -> None:
     tie = study.RunResult("txl", 0.2, "masked+teacher", 0.33, 0.579, 0.35, 400, 1.0, "b", worse.pseudo)
     assert "already finds" in study.why_no_gain(tie, masked=study.RunResult(
         "txl", 0.2, "masked", 0.331, 0.580, 0.439, 400, 1.0, "b", {}))
+
+
+def test_rerender_merges_one_json_per_row(tmp_path: Path) -> None:
+    args = study.parse_args(["--datasets", "synthetic", "--budget-minutes", "2"])
+    sources = []
+    for index, (name, map_50, fraction) in enumerate(
+        [("full", 0.8, None), ("masked", 0.6, 0.2), ("masked+teacher", 0.7, 0.2)]
+    ):
+        result = study.RunResult("synthetic", fraction, name, 0.4, map_50, None, 100 + index,
+                                 120.0 + index, "best.ckpt", {})
+        record = {
+            "command": f"python -m lld_lightning.study --rows {name}",
+            "machine": "gpu machine",
+            "date": "2026-01-02T03:04",
+            "total_s": 130.0 + index,
+            "args": vars(args),
+            "results": [asdict(result)],
+        }
+        sources.append(tmp_path / f"{name}.json")
+        sources[-1].write_text(json.dumps(record))
+    out = tmp_path / "merged.md"
+    results = study.main(["--render-from", *map(str, sources), "--out", str(out)])
+    assert [r.row for r in results] == ["full", "masked", "masked+teacher"]
+    text = out.read_text()
+    assert "--rows full & python -m lld_lightning.study --rows masked &" in text
+    assert "separate processes" in text and "2.0 min of training per run (`TimeBudget`" in text
+    assert "| synthetic | 0.2 | masked+teacher | 0.400 | 0.700 | - | 87.5 |" in text
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert len(merged["results"]) == 3 and merged["total_s"] == 132.0
+
+
+def test_budget_runs_follow_the_time_budget() -> None:
+    args = study.parse_args(
+        ["--datasets", "synthetic", "--budget-minutes", "3", "--validations", "3"]
+    )
+    config = study.run_config(args, Path("run"), "teacher", 400)
+    trainer = config["trainer"]
+    assert trainer["max_steps"] == -1 and trainer["val_check_interval"] == {"seconds": 60.0}
+    paths = [c["class_path"] for c in trainer["callbacks"]]
+    assert "lld_lightning.time_budget.TimeBudget" in paths
+    pseudo = next(c for c in trainer["callbacks"] if c["class_path"].endswith("PseudoLabeller"))
+    assert pseudo["init_args"]["warmup_fraction"] == args.pseudo_warmup
+
+
+def test_expert_normaliser_row_only_when_named() -> None:
+    args = study.parse_args(["--datasets", "synthetic", "--fractions", "0.2"])
+    assert "masked+teacher+norm" not in [r[2] for r in study.plan(args)]
+    args = study.parse_args(
+        ["--datasets", "synthetic", "--fractions", "0.2", "--rows", "masked+teacher+norm"]
+    )
+    assert [r[2] for r in study.plan(args)] == ["masked+teacher+norm"]
+    config = study.run_config(args, Path("run"), "teacher-norm", 10)
+    pseudo = config["trainer"]["callbacks"][-1]["init_args"]
+    assert pseudo["mode"] == "teacher" and pseudo["expert_normaliser"] is True

@@ -84,7 +84,9 @@ class SparseDetectionLoss(nn.Module):
 
     A per-cell weight (``targets["weights"]``, default 1) scales every term at that cell's
     positive locations (classification included); it does not change ``num_foreground``, so a
-    weight-0 cell acts as if its locations were ignored.
+    weight-0 cell's locations add nothing to any term. What a cell's positives count in
+    ``num_foreground`` is its ``targets["normaliser_weights"]`` (default 1): pseudo-labels that
+    should add to the expert loss without rescaling it count 0.
 
     Args:
         num_classes: number of cell classes ``C``.
@@ -134,7 +136,9 @@ class SparseDetectionLoss(nn.Module):
                 ``box_weights`` float ``[B, M]`` (replaces ``weights`` in the box and quality
                 terms; pseudo-labels that should not train localisation set 0) and
                 optional ``ignore_boxes`` float ``[B, K, 4]`` with ``ignore_valid`` bool
-                ``[B, K]`` (background inside them is ``IGNORE``, see `assign_locations`).
+                ``[B, K]`` (background inside them is ``IGNORE``, see `assign_locations`),
+                optional ``normaliser_weights`` float ``[B, M]`` (how much each positive
+                location of a cell counts in ``num_foreground``; default 1).
 
             With a region read-out, ``outputs["roi"]`` also holds ``image_index`` and
             ``cell_index`` int64 ``[N]``: the expert cell each read-out box belongs to
@@ -176,7 +180,14 @@ class SparseDetectionLoss(nn.Module):
         foreground = matched >= 0  # [B, P]
         cell = matched.clamp(min=0)  # [B, P], an index usable by gather (masked by foreground)
 
-        num_foreground = mean_over_ranks(foreground.sum().float()).detach()
+        counted = _optional(targets, "normaliser_weights", cls_logits.device)
+        if counted is not None and counted.shape[1] == 0:  # padded like `_cell_targets` does
+            counted = counted.new_zeros((counted.shape[0], 1))
+        if counted is None:
+            num_foreground = foreground.sum().float()
+        else:
+            num_foreground = (counted.float().gather(1, cell) * foreground).sum()
+        num_foreground = mean_over_ranks(num_foreground).detach()
         normaliser = num_foreground.clamp(min=1.0)
 
         # Per-location weight: the cell's weight at positives, 1 for background.
@@ -229,7 +240,7 @@ class SparseDetectionLoss(nn.Module):
             attribute_loss = attribute_loss + (per_location * positive_weight).sum()
         attribute_term = attribute_loss / normaliser
         roi_cls_term, roi_attribute_term = self._readout_terms(
-            outputs.get("roi"), labels, attributes, weights
+            outputs.get("roi"), labels, attributes, weights, counted
         )
 
         return {
@@ -243,19 +254,30 @@ class SparseDetectionLoss(nn.Module):
         }
 
     def _readout_terms(
-        self, roi: dict | None, labels: Tensor, attributes: Tensor, weights: Tensor
+        self,
+        roi: dict | None,
+        labels: Tensor,
+        attributes: Tensor,
+        weights: Tensor,
+        counted: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the region read-out's class and attributes, per read-out box.
 
         Both are sums over read-out boxes (times the cell's weight) divided by the number of
-        boxes in the batch averaged over ranks; the attribute term sums over attributes like
-        ``attributes``. Without a read-out both are exactly 0.
+        boxes in the batch averaged over ranks (each counted by its cell's ``counted`` weight,
+        when given); the attribute term sums over attributes like ``attributes``. Without a
+        read-out both are exactly 0.
         """
         zero = weights.new_zeros(())
         if roi is None:
             return zero, zero
         image_index, cell_index = roi["image_index"], roi["cell_index"]
-        count = mean_over_ranks(weights.new_tensor(float(image_index.numel()))).clamp(min=1.0)
+        count = (
+            weights.new_tensor(float(image_index.numel()))
+            if counted is None
+            else counted.float()[image_index, cell_index].sum()
+        )
+        count = mean_over_ranks(count).clamp(min=1.0)
         cell_weight = weights[image_index, cell_index]  # [N]
         cls_loss = F.cross_entropy(
             roi["cls_logits"].float(), labels[image_index, cell_index], reduction="none"

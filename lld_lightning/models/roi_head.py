@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.models.box_coding import grow_boxes
+from lld_lightning.models.crop_encoder import CropEncoder
 from lld_lightning.models.heads import Norm, _tower
 
 
@@ -86,13 +88,6 @@ def training_rois(
     return TrainingRois(list(all_boxes.split(counts)), image_index, cell_index)
 
 
-def grow_boxes(boxes: Tensor, factor: float) -> Tensor:
-    """Scale ``[N, 4]`` xyxy boxes about their centres by ``factor``."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
-    return torch.cat([centre - half, centre + half], dim=1)
-
-
 def box_size_features(boxes: Tensor, stride: int) -> Tensor:
     """``[N, 2]`` log of each box's width and height in strides (1 px floor)."""
     sides = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
@@ -112,6 +107,13 @@ class RoiHead(nn.Module):
         hidden: width of the fully connected layer.
         context: boxes are grown by this factor about their centre for the cell grid.
         norm: normalisation of the conv blocks (see `DenseHead`).
+        fc_grid: the conv output is max-pooled to ``fc_grid x fc_grid`` before the fully
+            connected layer (``pool_size`` must be a multiple); default ``pool_size``. A fine
+            grid pooled down keeps a small cue's presence at the size of the layer.
+        attribute_branch: attributes get their own conv tower and fully connected layer over
+            the same pooled grid, so their loss does not reshape the class features.
+        pixel_crop: > 0: the attribute predictors also read a `CropEncoder` of each box's
+            pixels resampled to ``pixel_crop x pixel_crop`` (``forward`` then needs the images).
     """
 
     def __init__(
@@ -125,8 +127,14 @@ class RoiHead(nn.Module):
         hidden: int = 256,
         context: float = 1.25,
         norm: Norm = "group",
+        fc_grid: int | None = None,
+        attribute_branch: bool = False,
+        pixel_crop: int = 0,
     ) -> None:
         super().__init__()
+        fc_grid = pool_size if fc_grid is None else fc_grid
+        if pool_size % fc_grid:
+            raise ValueError(f"pool_size {pool_size} is not a multiple of fc_grid {fc_grid}")
         if context < 1.0:
             raise ValueError(f"context must be >= 1 (the whole cell), got {context}")
         self.num_classes = num_classes
@@ -134,23 +142,35 @@ class RoiHead(nn.Module):
         self.stride = int(stride)
         self.pool_size = pool_size
         self.context = context
+        self.fc_grid = fc_grid
         self.convs = _tower(in_channels, num_convs, norm)
         # + 2: log width and log height of the box in strides (`box_size_features`).
         self.fc = nn.Sequential(
-            nn.Linear(in_channels * pool_size**2 + 2, hidden), nn.ReLU(inplace=True)
+            nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True)
         )
         self.cls_pred = nn.Linear(hidden, num_classes)
+        self.attr_convs = _tower(in_channels, num_convs, norm) if attribute_branch else None
+        self.attr_fc = (
+            nn.Sequential(nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True))
+            if attribute_branch
+            else None
+        )
+        self.crop_encoder = CropEncoder(pixel_crop, context, norm=norm) if pixel_crop else None
+        attr_in = hidden + (self.crop_encoder.out_dim if self.crop_encoder is not None else 0)
         self.attr_preds = nn.ModuleDict(
-            {name: nn.Linear(hidden, num_values) for name, num_values in attribute_spec.items()}
+            {name: nn.Linear(attr_in, num_values) for name, num_values in attribute_spec.items()}
         )
 
-    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> dict[str, Tensor | dict]:
+    def forward(
+        self, features: list[Tensor], boxes: list[Tensor], images: Tensor | None = None
+    ) -> dict[str, Tensor | dict]:
         """Read out every box.
 
         Args:
             features: the pyramid levels ``[B, in_channels, H_l, W_l]``, finest first; the
                 first is read.
             boxes: per image, float ``[n_i, 4]`` xyxy in input pixels.
+            images: the detector's input ``[B, 3, H, W]`` (needed with ``pixel_crop``).
 
         Returns:
             Float32 ``cls_logits [N, C]`` and ``attr_logits {name: [N, K]}``, boxes in order
@@ -166,11 +186,30 @@ class RoiHead(nn.Module):
             sampling_ratio=2,
             aligned=True,
         )  # [N, C, pool, pool]
-        parts = [self.convs(cell.to(features[0].dtype)).flatten(1)]
-        all_boxes = torch.cat(boxes) if boxes else parts[0].new_zeros(0, 4)
-        parts.append(box_size_features(all_boxes, self.stride).to(parts[0].dtype))
-        hidden = self.fc(torch.cat(parts, dim=1))
+        cell = cell.to(features[0].dtype)
+        all_boxes = torch.cat(boxes) if boxes else cell.new_zeros(0, 4)
+        size = box_size_features(all_boxes, self.stride).to(cell.dtype)
+        hidden = self._branch(cell, size, self.convs, self.fc)
+        attr_hidden = (
+            hidden
+            if self.attr_convs is None
+            else self._branch(cell, size, self.attr_convs, self.attr_fc)
+        )
+        if self.crop_encoder is not None:
+            if images is None:
+                raise ValueError("a read-out with pixel crops needs the input images")
+            crops = self.crop_encoder(images, boxes).to(attr_hidden.dtype)
+            attr_hidden = torch.cat([attr_hidden, crops], dim=1)
         return {
             "cls_logits": self.cls_pred(hidden).float(),
-            "attr_logits": {name: head(hidden).float() for name, head in self.attr_preds.items()},
+            "attr_logits": {
+                name: head(attr_hidden).float() for name, head in self.attr_preds.items()
+            },
         }
+
+    def _branch(self, cell: Tensor, size: Tensor, convs: nn.Module, fc: nn.Module) -> Tensor:
+        """Conv tower over the pooled grid, (max-pool to ``fc_grid``), + box size, FC."""
+        grid = convs(cell)
+        if self.fc_grid != self.pool_size:
+            grid = nn.functional.max_pool2d(grid, self.pool_size // self.fc_grid)
+        return fc(torch.cat([grid.flatten(1), size], dim=1))

@@ -1,0 +1,81 @@
+"""Pixel crops of each cell, encoded by a small CNN of their own, for the attribute read-out.
+
+The read-out pools backbone features (`RoiHead`), which the detector shares with finding and
+classifying cells. Some attributes are cues a few pixels wide: vacuoles (white dots at the rim),
+nucleoli (pale spots in the nucleus), the cleft of an irregular nucleus. The detection features
+read them poorly (val AUROC 0.67 for vacuoles, 0.71 for nuclear shape on the synthetic demo,
+docs/model.md), whether pooled at stride 8 or stride 4. `CropEncoder` resamples each box from
+the input image itself (`torchvision.ops.roi_align` over the RGB pixels) to a fixed crop and
+encodes it with a few convolutions whose only loss is the attribute loss; global max pooling
+keeps a small cue's presence wherever it sits in the crop. Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from lld_lightning.models.box_coding import grow_boxes
+from lld_lightning.models.heads import Norm, _norm_layer
+
+
+def _block(in_channels: int, out_channels: int, stride: int, norm: Norm) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=norm == "none"),
+        _norm_layer(norm, out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class CropEncoder(nn.Module):
+    """``[N]`` boxes of a batch of images -> ``[N, out_dim]`` features of their pixel crops.
+
+    Args:
+        crop_size: side of the resampled crop (pixels).
+        context: boxes are grown by this factor about their centre first (the outline and a
+            rim of background inside the crop).
+        width: channels of the first stage (doubled at each of the two stride-2 stages).
+        norm: normalisation of the conv blocks.
+
+    Attributes:
+        out_dim: feature width (global max and mean pooling of the last stage).
+    """
+
+    def __init__(
+        self, crop_size: int = 64, context: float = 1.25, width: int = 16, norm: Norm = "group"
+    ) -> None:
+        super().__init__()
+        if crop_size < 16:
+            raise ValueError(f"crop_size must be >= 16 pixels, got {crop_size}")
+        self.crop_size = crop_size
+        self.context = context
+        self.convs = nn.Sequential(
+            *_block(3, width, 1, norm),
+            *_block(width, 2 * width, 2, norm),
+            *_block(2 * width, 2 * width, 1, norm),
+            *_block(2 * width, 4 * width, 2, norm),
+            *_block(4 * width, 4 * width, 1, norm),
+        )
+        self.out_dim = 8 * width
+
+    def forward(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+        """Crop and encode.
+
+        Args:
+            images: float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (the detector's input).
+            boxes: per image, float ``[n_i, 4]`` xyxy input pixels.
+
+        Returns:
+            ``[sum n_i, out_dim]`` in box order (image 0 first).
+        """
+        crops = roi_align(
+            images.float(),
+            [grow_boxes(b.float(), self.context) for b in boxes],
+            output_size=self.crop_size,
+            spatial_scale=1.0,
+            sampling_ratio=2,
+            aligned=True,
+        )  # [N, 3, crop, crop], float32 (roi_align's autocast rule)
+        grid = self.convs((crops.to(images.dtype) - 0.5) / 0.25)
+        return torch.cat([grid.amax(dim=(2, 3)), grid.mean(dim=(2, 3))], dim=1)

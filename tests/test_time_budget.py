@@ -1,0 +1,91 @@
+"""`TimeBudget`: the run's step count and LR schedule follow the measured speed (fake clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lld_lightning.time_budget as time_budget
+from lld_lightning.cli import main
+from lld_lightning.time_budget import TimeBudget
+from tests.conftest import REPO
+
+
+class FakeClock:
+    """One second per reading: the budget is counted in clock readings, not in real time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def _fit_with_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
+    """A tiny fit with a `TimeBudget` on the fake clock; ``args`` are extra CLI arguments."""
+    monkeypatch.setattr(time_budget, "_clock", FakeClock())
+    monkeypatch.chdir(tmp_path)
+    return main([
+        "fit",
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--data.synthetic_dir", str(tmp_path / "data"),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        *args,
+    ])
+
+
+def test_budget_sets_steps_and_schedule_and_validates_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = _fit_with_budget(
+        tmp_path,
+        monkeypatch,
+        "--trainer.max_epochs", "1",  # lifted by the budget
+        "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.val_check_interval", "1000",  # only the budget's final validation
+        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
+        "--trainer.callbacks.minutes", "0.2",  # 12 clock readings
+        "--trainer.callbacks.calibration_steps", "2",
+        "--trainer.callbacks.update_every", "2",
+    )
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, TimeBudget))
+    # One reading at train start and one per step: 12 s at 1 s per step, whatever max_epochs said.
+    assert budget.planned_steps == 12
+    assert cli.trainer.global_step == budget.planned_steps
+    assert cli.model._schedule_steps == budget.planned_steps
+    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
+    hparams = cli.model.hparams
+    assert lr == pytest.approx(hparams.lr * hparams.min_lr_ratio, rel=0.05)  # cosine ran out
+    assert "val/map_50" in cli.trainer.callback_metrics  # the final weights were validated
+    assert budget.summary()["planned_steps"] == 12
+
+
+def test_budget_stops_before_calibration_when_time_is_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = _fit_with_budget(
+        tmp_path,
+        monkeypatch,
+        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
+        "--trainer.callbacks.minutes", "0.05",  # 3 readings, calibration never reached
+        "--trainer.callbacks.calibration_steps", "100",
+        "--trainer.callbacks.update_every", "2",
+    )
+    assert 2 <= cli.trainer.global_step <= 4
+
+
+@pytest.mark.parametrize("kwargs", [{"minutes": 0}, {"minutes": 1, "update_every": 0}])
+def test_bad_settings_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        TimeBudget(**kwargs)
+
+
+def test_the_final_validation_is_kept_inside_the_budget() -> None:
+    budget = TimeBudget(minutes=1.0, calibration_steps=10)
+    budget.start, budget.mark = 0.0, (10, 10.0)  # 1 s per step since step 10
+    assert budget._plan(20, 20.0) == 60  # 40 s left: 40 more steps
+    budget.validation_s = 5.0  # the last validation took 5 s; the final one will too
+    assert budget._plan(20, 20.0) == 55
+    assert budget._plan(20, 59.0) == 20  # no time left: stop now
