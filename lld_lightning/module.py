@@ -72,6 +72,8 @@ class LldModule(L.LightningModule):
             (their loss then does not reshape the read-out's class features).
         roi_pixel_crop: > 0: the read-out's attributes also read each box's input pixels,
             resampled to this side and encoded by a small CNN of their own (`CropEncoder`).
+        roi_crop_classes: with ``roi_pixel_crop``, the read-out's class predictor reads the
+            crops too.
         roi_copies: read-outs per expert cell in a training step (the first exact, the others
             jittered by ``roi_jitter`` of the box size).
         roi_jitter: see ``roi_copies``.
@@ -111,6 +113,7 @@ class LldModule(L.LightningModule):
         roi_pool: int = 7,
         roi_attribute_branch: bool = False,
         roi_pixel_crop: int = 0,
+        roi_crop_classes: bool = False,
         roi_copies: int = 2,
         roi_jitter: float = 0.1,
         classes_per_box: int = 3,
@@ -163,6 +166,7 @@ class LldModule(L.LightningModule):
             roi_pool=roi_pool,
             roi_attribute_branch=roi_attribute_branch,
             roi_pixel_crop=roi_pixel_crop,
+            roi_crop_classes=roi_crop_classes,
         )
         if channels_last:
             self.detector = self.detector.to(memory_format=torch.channels_last)

@@ -260,7 +260,7 @@ def test_pixel_crop_read_out_needs_images_and_trains_only_attributes() -> None:
 @pytest.mark.parametrize(
     "options",
     [{"roi_fine": True}, {"roi_fine": True, "roi_pool": 14}, {"roi_attribute_branch": True},
-     {"roi_pixel_crop": 16}],
+     {"roi_pixel_crop": 16}, {"roi_pixel_crop": 16, "roi_crop_classes": True}],
 )
 def test_read_out_variants_detect_and_train(options: dict) -> None:
     detector = build_detector(
@@ -280,3 +280,14 @@ def test_read_out_variants_detect_and_train(options: dict) -> None:
 def test_fine_level_needs_the_read_out() -> None:
     with pytest.raises(ValueError, match="roi_fine needs roi_readout"):
         build_detector("test_resnet", 3, SPEC, roi_fine=True)
+
+
+def test_class_crops_have_their_own_encoder() -> None:
+    head = RoiHead(8, 3, SPEC, stride=8, pixel_crop=16, crop_classes=True)
+    out = head([torch.randn(1, 8, 8, 8)], [torch.tensor([[8.0, 8.0, 40.0, 40.0]])],
+               torch.rand(1, 3, 64, 64))
+    out["cls_logits"].sum().backward()
+    assert all(p.grad is not None for p in head.class_crop_encoder.parameters())
+    assert all(p.grad is None for p in head.crop_encoder.parameters())  # attributes' own
+    with pytest.raises(ValueError, match="crop_classes needs pixel_crop"):
+        RoiHead(8, 3, SPEC, stride=8, crop_classes=True)

@@ -197,6 +197,7 @@ def build_detector(
     roi_pool: int = 7,
     roi_attribute_branch: bool = False,
     roi_pixel_crop: int = 0,
+    roi_crop_classes: bool = False,
 ) -> Detector:
     """Build timm backbone + FPN + `DenseHead` from plain values.
 
@@ -220,6 +221,7 @@ def build_detector(
         roi_attribute_branch: the `RoiHead`'s attributes get their own conv tower and FC layer.
         roi_pixel_crop: > 0: the `RoiHead`'s attributes also read each box's pixels resampled to
             this side (`CropEncoder`).
+        roi_crop_classes: the `RoiHead`'s class predictor reads the pixel crops too.
 
     Returns:
         The `Detector`.
@@ -253,6 +255,7 @@ def build_detector(
             fc_grid=min(roi_pool, 7),
             attribute_branch=roi_attribute_branch,
             pixel_crop=roi_pixel_crop,
+            crop_classes=roi_crop_classes,
         )
         if roi_readout
         else None

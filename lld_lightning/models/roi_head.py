@@ -114,6 +114,9 @@ class RoiHead(nn.Module):
             the same pooled grid, so their loss does not reshape the class features.
         pixel_crop: > 0: the attribute predictors also read a `CropEncoder` of each box's
             pixels resampled to ``pixel_crop x pixel_crop`` (``forward`` then needs the images).
+        crop_classes: with ``pixel_crop``, the class predictor reads pixel crops too, through
+            a `CropEncoder` of its own (sharing one with the attributes cost them their
+            small cues, `docs/loss.md` K7).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class RoiHead(nn.Module):
         fc_grid: int | None = None,
         attribute_branch: bool = False,
         pixel_crop: int = 0,
+        crop_classes: bool = False,
     ) -> None:
         super().__init__()
         fc_grid = pool_size if fc_grid is None else fc_grid
@@ -148,7 +152,14 @@ class RoiHead(nn.Module):
         self.fc = nn.Sequential(
             nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True)
         )
-        self.cls_pred = nn.Linear(hidden, num_classes)
+        if crop_classes and not pixel_crop:
+            raise ValueError("crop_classes needs pixel_crop")
+        self.crop_classes = crop_classes
+        self.class_crop_encoder = (
+            CropEncoder(pixel_crop, context, norm=norm) if crop_classes else None
+        )
+        crop_dim = CropEncoder.feature_width() if crop_classes else 0
+        self.cls_pred = nn.Linear(hidden + crop_dim, num_classes)
         self.attr_convs = _tower(in_channels, num_convs, norm) if attribute_branch else None
         self.attr_fc = (
             nn.Sequential(nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True))
@@ -200,6 +211,9 @@ class RoiHead(nn.Module):
                 raise ValueError("a read-out with pixel crops needs the input images")
             crops = self.crop_encoder(images, boxes).to(attr_hidden.dtype)
             attr_hidden = torch.cat([attr_hidden, crops], dim=1)
+            if self.class_crop_encoder is not None:
+                class_crops = self.class_crop_encoder(images, boxes).to(hidden.dtype)
+                hidden = torch.cat([hidden, class_crops], dim=1)
         return {
             "cls_logits": self.cls_pred(hidden).float(),
             "attr_logits": {
