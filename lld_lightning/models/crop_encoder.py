@@ -1,4 +1,4 @@
-"""Pixel crops of each cell, encoded by a small CNN of their own, for the attribute read-out.
+"""Pixel crops of each cell, encoded by a small CNN of their own, for the region read-out.
 
 The read-out pools backbone features (`RoiHead`), which the detector shares with finding and
 classifying cells. Some attributes are cues a few pixels wide: vacuoles (white dots at the rim),
@@ -6,8 +6,9 @@ nucleoli (pale spots in the nucleus), the cleft of an irregular nucleus. The det
 read them poorly (val AUROC 0.67 for vacuoles, 0.71 for nuclear shape on the synthetic demo,
 docs/model.md), whether pooled at stride 8 or stride 4. `CropEncoder` resamples each box from
 the input image itself (`torchvision.ops.roi_align` over the RGB pixels) to a fixed crop and
-encodes it with a few convolutions whose only loss is the attribute loss; global max pooling
-keeps a small cue's presence wherever it sits in the crop. Plain PyTorch.
+encodes it with a few convolutions; global max pooling keeps a small cue's presence wherever it
+sits in the crop. `RoiHead` gives the attributes one encoder (trained by the attribute loss only)
+and, with ``crop_classes``, the class another (trained by the class loss only). Plain PyTorch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from torchvision.ops import roi_align
 
 from lld_lightning.models.box_coding import grow_boxes
 from lld_lightning.models.heads import Norm, _norm_layer
+
+#: The crops enter the CNN as ``(pixel - CENTRE) / SPREAD`` (pixels in [0, 1]).
+CENTRE: float = 0.5
+SPREAD: float = 0.25
 
 
 def _block(in_channels: int, out_channels: int, stride: int, norm: Norm) -> list[nn.Module]:
@@ -82,5 +87,5 @@ class CropEncoder(nn.Module):
             sampling_ratio=2,
             aligned=True,
         )  # [N, 3, crop, crop], float32 (roi_align's autocast rule)
-        grid = self.convs((crops.to(images.dtype) - 0.5) / 0.25)
+        grid = self.convs((crops.to(images.dtype) - CENTRE) / SPREAD)
         return torch.cat([grid.amax(dim=(2, 3)), grid.mean(dim=(2, 3))], dim=1)

@@ -154,7 +154,6 @@ class RoiHead(nn.Module):
         )
         if crop_classes and not pixel_crop:
             raise ValueError("crop_classes needs pixel_crop")
-        self.crop_classes = crop_classes
         self.class_crop_encoder = (
             CropEncoder(pixel_crop, context, norm=norm) if crop_classes else None
         )
