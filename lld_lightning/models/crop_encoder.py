@@ -70,7 +70,7 @@ class CropEncoder(nn.Module):
         return 8 * width
 
     def forward(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
-        """Crop and encode.
+        """Crop and encode (`crop` then `encode`).
 
         Args:
             images: float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (the detector's input).
@@ -79,6 +79,11 @@ class CropEncoder(nn.Module):
         Returns:
             ``[sum n_i, out_dim]`` in box order (image 0 first).
         """
+        return self.encode(self.crop(images, boxes))
+
+    def crop(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
+        """``[sum n_i, 3, crop_size, crop_size]`` crops of the grown boxes, in ``images``' dtype
+        (encoders of the same ``crop_size`` and ``context`` can share them)."""
         crops = roi_align(
             images.float(),
             [grow_boxes(b.float(), self.context) for b in boxes],
@@ -87,5 +92,9 @@ class CropEncoder(nn.Module):
             sampling_ratio=2,
             aligned=True,
         )  # [N, 3, crop, crop], float32 (roi_align's autocast rule)
-        grid = self.convs((crops.to(images.dtype) - CENTRE) / SPREAD)
+        return crops.to(images.dtype)
+
+    def encode(self, crops: Tensor) -> Tensor:
+        """``[N, 3, crop_size, crop_size]`` crops -> ``[N, out_dim]`` features."""
+        grid = self.convs((crops - CENTRE) / SPREAD)
         return torch.cat([grid.amax(dim=(2, 3)), grid.mean(dim=(2, 3))], dim=1)

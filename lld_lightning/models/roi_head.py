@@ -208,10 +208,11 @@ class RoiHead(nn.Module):
         if self.crop_encoder is not None:
             if images is None:
                 raise ValueError("a read-out with pixel crops needs the input images")
-            crops = self.crop_encoder(images, boxes).to(attr_hidden.dtype)
-            attr_hidden = torch.cat([attr_hidden, crops], dim=1)
+            crops = self.crop_encoder.crop(images, boxes)  # once, for both encoders
+            attr_crops = self.crop_encoder.encode(crops).to(attr_hidden.dtype)
+            attr_hidden = torch.cat([attr_hidden, attr_crops], dim=1)
             if self.class_crop_encoder is not None:
-                class_crops = self.class_crop_encoder(images, boxes).to(hidden.dtype)
+                class_crops = self.class_crop_encoder.encode(crops).to(hidden.dtype)
                 hidden = torch.cat([hidden, class_crops], dim=1)
         return {
             "cls_logits": self.cls_pred(hidden).float(),
