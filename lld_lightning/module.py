@@ -65,11 +65,6 @@ class LldModule(L.LightningModule):
             classification tower).
         roi_readout: read each cell's class and attributes from features pooled over its whole
             box (`RoiHead`); the dense head then proposes one box per cell.
-        roi_fine: the read-out pools a level at stride 4 (`FineLevel`, built from the backbone
-            stage before ``out_indices``) instead of the finest pyramid level (stride 8).
-        roi_pool: side of the read-out's pooled grid (7, or 14 max-pooled to 7 after its convs).
-        roi_attribute_branch: the read-out's attributes get their own conv tower and FC layer
-            (their loss then does not reshape the read-out's class features).
         roi_pixel_crop: > 0: the read-out's attributes also read each box's input pixels,
             resampled to this side and encoded by a small CNN of their own (`CropEncoder`).
         roi_crop_classes: with ``roi_pixel_crop``, the read-out's class predictor reads the
@@ -109,9 +104,6 @@ class LldModule(L.LightningModule):
         head_convs: int = 2,
         attribute_convs: int = 0,
         roi_readout: bool = False,
-        roi_fine: bool = False,
-        roi_pool: int = 7,
-        roi_attribute_branch: bool = False,
         roi_pixel_crop: int = 0,
         roi_crop_classes: bool = False,
         roi_copies: int = 2,
@@ -162,9 +154,6 @@ class LldModule(L.LightningModule):
             attribute_convs=attribute_convs,
             pretrained_file=pretrained_file,
             roi_readout=roi_readout,
-            roi_fine=roi_fine,
-            roi_pool=roi_pool,
-            roi_attribute_branch=roi_attribute_branch,
             roi_pixel_crop=roi_pixel_crop,
             roi_crop_classes=roi_crop_classes,
         )

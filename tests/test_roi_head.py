@@ -226,7 +226,7 @@ def test_lld_spec_readout_builds_from_module() -> None:
     assert set(module.detector.roi_head.attr_preds) == set(LLD_ATTRIBUTE_SPEC)
 
 
-# Pixel crops (`CropEncoder`) and the finer read-out levels.
+# Pixel crops (`CropEncoder`).
 def test_pixel_crops_see_only_their_box() -> None:
     from lld_lightning.models.crop_encoder import CropEncoder
 
@@ -259,8 +259,7 @@ def test_pixel_crop_read_out_needs_images_and_trains_only_attributes() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"roi_fine": True}, {"roi_fine": True, "roi_pool": 14}, {"roi_attribute_branch": True},
-     {"roi_pixel_crop": 16}, {"roi_pixel_crop": 16, "roi_crop_classes": True}],
+    [{}, {"roi_pixel_crop": 16}, {"roi_pixel_crop": 16, "roi_crop_classes": True}],
 )
 def test_read_out_variants_detect_and_train(options: dict) -> None:
     detector = build_detector(
@@ -275,11 +274,6 @@ def test_read_out_variants_detect_and_train(options: dict) -> None:
     with torch.no_grad():
         dets = detector.detections(detector(images), image_size=(64, 64), classes_per_box=2)
     assert len(dets) == 2 and dets[0]["attributes"].shape[1] == len(SPEC)
-
-
-def test_fine_level_needs_the_read_out() -> None:
-    with pytest.raises(ValueError, match="roi_fine needs roi_readout"):
-        build_detector("test_resnet", 3, SPEC, roi_fine=True)
 
 
 def test_class_crops_have_their_own_encoder() -> None:

@@ -62,12 +62,7 @@ class CropEncoder(nn.Module):
             *_block(2 * width, 4 * width, 2, norm),
             *_block(4 * width, 4 * width, 1, norm),
         )
-        self.out_dim = self.feature_width(width)
-
-    @staticmethod
-    def feature_width(width: int = 16) -> int:
-        """``out_dim`` of an encoder of this ``width`` (global max + mean of ``4 * width``)."""
-        return 8 * width
+        self.out_dim = 8 * width  # global max + mean of the last stage's 4 * width channels
 
     def forward(self, images: Tensor, boxes: list[Tensor]) -> Tensor:
         """Crop and encode (`crop` then `encode`).

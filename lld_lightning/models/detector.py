@@ -7,7 +7,7 @@ level, levels finest first, row-major (y, x) inside a level:
 - ``cls_logits [B, P, C]``; ``box_deltas [B, P, 4]`` non-negative (l, t, r, b) in stride units;
 - ``quality_logits [B, P]``; ``attr_logits {name: [B, P, K_name]}`` in spec order;
 - ``points [P, 2]`` (x, y) location centres in input pixels; ``strides [P]`` float32;
-- with a region read-out (`RoiHead`): ``roi_features`` (the levels it reads) and
+- with a region read-out (`RoiHead`): ``roi_features`` (the pyramid levels) and
   ``roi_images`` (the input, for pixel crops), kept for `Detector.detections`, and, when
   ``rois`` are given, ``roi {cls_logits [N, C], attr_logits {name: [N, K]}}`` for those boxes
   in order.
@@ -26,7 +26,7 @@ from torch import nn
 from lld_lightning.models.backbone import TimmBackbone
 from lld_lightning.models.box_coding import decode_boxes, encode_boxes
 from lld_lightning.models.heads import DenseHead, Norm
-from lld_lightning.models.neck import ExtraLevels, FineLevel, FpnNeck
+from lld_lightning.models.neck import ExtraLevels, FpnNeck
 from lld_lightning.models.postprocess import Detections, apply_readout, postprocess
 from lld_lightning.models.roi_head import RoiHead
 
@@ -69,8 +69,6 @@ class Detector(nn.Module):
         head: a `DenseHead` (or any module with the same output dict) over the levels.
         roi_head: optional `RoiHead` reading class and attributes over each box of the finest
             level; detections then take their class and attributes from it.
-        fine_level: optional `FineLevel`: the backbone then returns one more, finer map first,
-            and the `RoiHead` reads the level built from it instead of the finest pyramid level.
     """
 
     def __init__(
@@ -79,16 +77,12 @@ class Detector(nn.Module):
         neck: nn.Module,
         head: nn.Module,
         roi_head: RoiHead | None = None,
-        fine_level: FineLevel | None = None,
     ) -> None:
         super().__init__()
-        if fine_level is not None and roi_head is None:
-            raise ValueError("a fine level is read by the region read-out only; add a roi_head")
         self.backbone = backbone
         self.neck = neck
         self.head = head
         self.roi_head = roi_head
-        self.fine_level = fine_level
         self.strides_per_level: list[int] = list(neck.strides)
         self._point_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -116,16 +110,12 @@ class Detector(nn.Module):
             ``quality_logits``, ``attr_logits``, ``points``, ``strides`` (and ``roi_features``,
             ``roi`` with a region read-out).
         """
-        maps = list(self.backbone(images))
-        fine = maps.pop(0) if self.fine_level is not None else None
-        features = self.neck(maps)
+        features = self.neck(self.backbone(images))
         outputs: dict[str, Any] = self.head(features)
         sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         outputs["points"], outputs["strides"] = self._points(sizes, images.device)
         if self.roi_head is not None:
             roi_features = list(features)
-            if self.fine_level is not None:
-                roi_features = [self.fine_level(fine, features[0])]
             outputs["roi_features"] = roi_features
             outputs["roi_images"] = images  # the pixel crops' source (a reference, no copy)
             if rois is not None:
@@ -193,9 +183,6 @@ def build_detector(
     attribute_convs: int = 0,
     head_norm: Norm = "group",
     roi_readout: bool = False,
-    roi_fine: bool = False,
-    roi_pool: int = 7,
-    roi_attribute_branch: bool = False,
     roi_pixel_crop: int = 0,
     roi_crop_classes: bool = False,
 ) -> Detector:
@@ -214,11 +201,6 @@ def build_detector(
         attribute_convs: own attribute tower depth; 0 shares the classification tower.
         head_norm: ``"group"``, ``"batch"`` or ``"none"``.
         roi_readout: add a `RoiHead` over the finest level for class and attributes.
-        roi_fine: the `RoiHead` reads a `FineLevel` at half the finest stride (from the backbone
-            stage before ``out_indices[0]``) instead of the finest pyramid level.
-        roi_pool: the `RoiHead`'s pooled grid side; max-pooled to 7 before its fully connected
-            layer when larger.
-        roi_attribute_branch: the `RoiHead`'s attributes get their own conv tower and FC layer.
         roi_pixel_crop: > 0: the `RoiHead`'s attributes also read each box's pixels resampled to
             this side (`CropEncoder`).
         roi_crop_classes: the `RoiHead`'s class predictor reads the pixel crops too.
@@ -226,14 +208,8 @@ def build_detector(
     Returns:
         The `Detector`.
     """
-    if roi_fine and not roi_readout:
-        raise ValueError("roi_fine needs roi_readout")
-    if roi_fine and min(out_indices) < 1:
-        raise ValueError(f"roi_fine needs a backbone stage before out_indices {out_indices}")
-    stages = ((min(out_indices) - 1,) if roi_fine else ()) + tuple(out_indices)
-    body = TimmBackbone(backbone, pretrained, stages, pretrained_file)
-    pyramid = slice(1, None) if roi_fine else slice(None)
-    neck = FpnNeck(body.channels[pyramid], body.strides[pyramid], fpn_channels, extra_levels)
+    body = TimmBackbone(backbone, pretrained, tuple(out_indices), pretrained_file)
+    neck = FpnNeck(body.channels, body.strides, fpn_channels, extra_levels)
     head = DenseHead(
         fpn_channels,
         num_classes,
@@ -243,22 +219,17 @@ def build_detector(
         num_levels=len(neck.strides),
         attribute_convs=attribute_convs,
     )
-    roi_stride = int(body.strides[0] if roi_fine else neck.strides[0])
     roi_head = (
         RoiHead(
             fpn_channels,
             num_classes,
             attribute_spec,
-            stride=roi_stride,
-            pool_size=roi_pool,
+            stride=int(neck.strides[0]),
             norm=head_norm,
-            fc_grid=min(roi_pool, 7),
-            attribute_branch=roi_attribute_branch,
             pixel_crop=roi_pixel_crop,
             crop_classes=roi_crop_classes,
         )
         if roi_readout
         else None
     )
-    fine_level = FineLevel(body.channels[0], fpn_channels) if roi_fine else None
-    return Detector(body, neck, head, roi_head, fine_level)
+    return Detector(body, neck, head, roi_head)

@@ -72,26 +72,3 @@ class FpnNeck(nn.Module):
         named = OrderedDict((f"c{i}", feature) for i, feature in enumerate(features))
         return list(self.fpn(named).values())
 
-
-class FineLevel(nn.Module):
-    """A level at half the finest pyramid stride, for the region read-out only.
-
-    The backbone map at that stride (lateral 1x1 conv) plus the finest pyramid level upsampled
-    x2 (nearest), then a 3x3 conv: the top-down step of the FPN one level further down. The
-    dense head never sees it (locations at stride 4 would quadruple its cost); `RoiHead` pools
-    it where a cue is a few pixels wide (vacuoles, nucleoli, the nuclear outline).
-
-    Args:
-        in_channels: channels of the backbone map.
-        out_channels: channels of the pyramid (and of the output).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.lateral = nn.Conv2d(in_channels, out_channels, 1)
-        self.smooth = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-
-    def forward(self, fine: torch.Tensor, finest_level: torch.Tensor) -> torch.Tensor:
-        """``[B, in_channels, H, W]`` + ``[B, out_channels, ~H/2, ~W/2]`` -> ``[B, out, H, W]``."""
-        top_down = nn.functional.interpolate(finest_level, size=fine.shape[-2:], mode="nearest")
-        return self.smooth(self.lateral(fine) + top_down)

@@ -107,11 +107,6 @@ class RoiHead(nn.Module):
         hidden: width of the fully connected layer.
         context: boxes are grown by this factor about their centre for the cell grid.
         norm: normalisation of the conv blocks (see `DenseHead`).
-        fc_grid: the conv output is max-pooled to ``fc_grid x fc_grid`` before the fully
-            connected layer (``pool_size`` must be a multiple); default ``pool_size``. A fine
-            grid pooled down keeps a small cue's presence at the size of the layer.
-        attribute_branch: attributes get their own conv tower and fully connected layer over
-            the same pooled grid, so their loss does not reshape the class features.
         pixel_crop: > 0: the attribute predictors also read a `CropEncoder` of each box's
             pixels resampled to ``pixel_crop x pixel_crop`` (``forward`` then needs the images).
         crop_classes: with ``pixel_crop``, the class predictor reads pixel crops too, through
@@ -130,15 +125,10 @@ class RoiHead(nn.Module):
         hidden: int = 256,
         context: float = 1.25,
         norm: Norm = "group",
-        fc_grid: int | None = None,
-        attribute_branch: bool = False,
         pixel_crop: int = 0,
         crop_classes: bool = False,
     ) -> None:
         super().__init__()
-        fc_grid = pool_size if fc_grid is None else fc_grid
-        if pool_size % fc_grid:
-            raise ValueError(f"pool_size {pool_size} is not a multiple of fc_grid {fc_grid}")
         if context < 1.0:
             raise ValueError(f"context must be >= 1 (the whole cell), got {context}")
         self.num_classes = num_classes
@@ -146,25 +136,18 @@ class RoiHead(nn.Module):
         self.stride = int(stride)
         self.pool_size = pool_size
         self.context = context
-        self.fc_grid = fc_grid
         self.convs = _tower(in_channels, num_convs, norm)
         # + 2: log width and log height of the box in strides (`box_size_features`).
         self.fc = nn.Sequential(
-            nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True)
+            nn.Linear(in_channels * pool_size**2 + 2, hidden), nn.ReLU(inplace=True)
         )
         if crop_classes and not pixel_crop:
             raise ValueError("crop_classes needs pixel_crop")
         self.class_crop_encoder = (
             CropEncoder(pixel_crop, context, norm=norm) if crop_classes else None
         )
-        crop_dim = CropEncoder.feature_width() if crop_classes else 0
+        crop_dim = self.class_crop_encoder.out_dim if self.class_crop_encoder is not None else 0
         self.cls_pred = nn.Linear(hidden + crop_dim, num_classes)
-        self.attr_convs = _tower(in_channels, num_convs, norm) if attribute_branch else None
-        self.attr_fc = (
-            nn.Sequential(nn.Linear(in_channels * fc_grid**2 + 2, hidden), nn.ReLU(inplace=True))
-            if attribute_branch
-            else None
-        )
         self.crop_encoder = CropEncoder(pixel_crop, context, norm=norm) if pixel_crop else None
         attr_in = hidden + (self.crop_encoder.out_dim if self.crop_encoder is not None else 0)
         self.attr_preds = nn.ModuleDict(
@@ -199,12 +182,8 @@ class RoiHead(nn.Module):
         cell = cell.to(features[0].dtype)
         all_boxes = torch.cat(boxes) if boxes else cell.new_zeros(0, 4)
         size = box_size_features(all_boxes, self.stride).to(cell.dtype)
-        hidden = self._branch(cell, size, self.convs, self.fc)
-        attr_hidden = (
-            hidden
-            if self.attr_convs is None
-            else self._branch(cell, size, self.attr_convs, self.attr_fc)
-        )
+        hidden = self.fc(torch.cat([self.convs(cell).flatten(1), size], dim=1))
+        attr_hidden = hidden
         if self.crop_encoder is not None:
             if images is None:
                 raise ValueError("a read-out with pixel crops needs the input images")
@@ -220,10 +199,3 @@ class RoiHead(nn.Module):
                 name: head(attr_hidden).float() for name, head in self.attr_preds.items()
             },
         }
-
-    def _branch(self, cell: Tensor, size: Tensor, convs: nn.Module, fc: nn.Module) -> Tensor:
-        """Conv tower over the pooled grid, (max-pool to ``fc_grid``), + box size, FC."""
-        grid = convs(cell)
-        if self.fc_grid != self.pool_size:
-            grid = nn.functional.max_pool2d(grid, self.pool_size // self.fc_grid)
-        return fc(torch.cat([grid.flatten(1), size], dim=1))
