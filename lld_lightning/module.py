@@ -79,6 +79,8 @@ class LldModule(L.LightningModule):
         loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``,
             ``roi_cls``, ``roi_attributes``); missing names keep `DEFAULT_LOSS_WEIGHTS`.
         box_loss: IoU loss for boxes (``giou``, ``diou`` or ``ciou``).
+        cls_loss: ``focal`` (one-hot targets) or ``quality_focal`` (a positive's class target is
+            its predicted box's IoU; `quality_focal_loss`).
         lr: AdamW learning rate of the neck and heads.
         backbone_lr_mult: the backbone's learning rate is ``lr * backbone_lr_mult``.
         weight_decay: AdamW weight decay (not applied to biases and norm parameters).
@@ -112,6 +114,7 @@ class LldModule(L.LightningModule):
         loss_mode: Literal["masked", "naive"] = "masked",
         loss_weights: dict[str, float] | None = None,
         box_loss: Literal["giou", "diou", "ciou"] = "giou",
+        cls_loss: Literal["focal", "quality_focal"] = "focal",
         lr: float = 1e-3,
         backbone_lr_mult: float = 1.0,
         weight_decay: float = 1e-4,
@@ -162,7 +165,8 @@ class LldModule(L.LightningModule):
         # Kept out of the module tree so the compiled wrapper adds no duplicate state-dict keys.
         self.__dict__["_compiled"] = torch.compile(self.detector) if compile else None
         self.criterion = SparseDetectionLoss(
-            num_classes=num_classes, attribute_spec=attribute_spec, mode=loss_mode, box_loss=box_loss
+            num_classes=num_classes, attribute_spec=attribute_spec, mode=loss_mode, box_loss=box_loss,
+            cls_loss=cls_loss,
         )
         self.val_metrics: DomainMetrics | None = None
         self.test_metrics: DomainMetrics | None = None

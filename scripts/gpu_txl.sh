@@ -8,8 +8,10 @@
 # .txl/txl_pbc (a copy of ../shared/data/txl_pbc; the device machine sees only the checkout).
 # Writes logs and results to $OUT (default runs/gpu_txl).
 #
-#   scripts/gpu_txl.sh            # both parts: ~5 min + ~3.5 min (4 study rows at once)
-#   PARTS=txl scripts/gpu_txl.sh  # only the 4-minute run; PARTS=study only the study
+#   scripts/gpu_txl.sh            # parts profile (~1 min), txl (~5.5 min), study (~3.5 min)
+#   PARTS=txl scripts/gpu_txl.sh  # only the 4-minute runs; PARTS=study only the study
+#   WORKERS=3 RECIPES="base16|--data.batch_size 16 --model.cls_loss focal;b64|--data.batch_size 64" PARTS=txl ...
+#                                 # several recipes at once on the one GPU ("name|lld args;...")
 #   WHEELS=0 MINUTES=0.3 STUDY_MINUTES=0.3 WORKERS=2 scripts/gpu_txl.sh   # dry run on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +20,9 @@ mkdir -p "$OUT"
 ROOT=${TXL_ROOT:-.txl/txl_pbc}
 MINUTES=${MINUTES:-4}
 STUDY_MINUTES=${STUDY_MINUTES:-2.5}
-PARTS=${PARTS:-txl study}
+PARTS=${PARTS:-profile txl study}
 WORKERS=${WORKERS:-12}
+IMAGE_SIZE=${IMAGE_SIZE:-640}
 
 if [[ "${WHEELS:-1}" == 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lld-site .whl/*.whl || exit 1
@@ -29,25 +32,55 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 nproc
 
+if [[ " $PARTS " == *" profile "* ]]; then
+  # Host or device bound? Wall vs kernel time of one training step (scripts/gpu_step_profile.py).
+  python3 scripts/gpu_step_profile.py --config configs/txl.yaml --data.root "$ROOT" \
+    --image-size "$IMAGE_SIZE" --batch-sizes ${PROFILE_BATCHES:-16 64} --model "${PROFILE_MODEL:-{}}" 2>&1 \
+    | grep '^{' | tee "$OUT/step_profile.jsonl"
+  echo "[gpu_txl] profile part ${SECONDS}s"
+fi
+
 if [[ " $PARTS " == *" txl "* ]]; then
-  # configs/txl.yaml as shipped, plus the baseline's input size and batch (YOLO: imgsz 640,
-  # batch 16), GPU data workers, and the time budget instead of epochs. Validation every
-  # minute and once at the end; test on the best checkpoint by val mAP@.5.
-  RUN=runs/txl_gpu
-  rm -rf "$RUN"
-  start=$SECONDS
-  python3 -m lld_lightning.cli fit --config configs/txl.yaml --data.root "$ROOT" \
-    --data.image_size 640 --data.batch_size 16 --data.num_workers "$WORKERS" \
-    --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
-    --trainer.check_val_every_n_epoch null --trainer.val_check_interval '{"seconds": 60}' \
-    --trainer.callbacks+=lld_lightning.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
-    --trainer.enable_progress_bar false 2>&1 | tee "$OUT/txl_fit.log"
-  echo "[gpu_txl] fit wall ${SECONDS}s since start of part (includes start-up)" | tee -a "$OUT/txl_fit.log"
-  python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
-    --data.image_size 640 --data.batch_size 16 --data.num_workers "$WORKERS" \
-    --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
-    --ckpt_path "$RUN/checkpoints/best.ckpt" 2>&1 | tee "$OUT/txl_test.log"
-  cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/txl_test_metrics.csv" 2>/dev/null
+  # configs/txl.yaml with the baseline's input size (YOLO: imgsz 640) and the time budget
+  # instead of epochs, one process per recipe, all at once (each its own MINUTES of wall clock
+  # on the shared GPU; give WORKERS=3 for four at once); validation every minute and once at the end; test
+  # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
+  # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
+  # TimeBudget and checkpoint folder); "base16" reproduces the first 4-minute run (2026-11-26).
+  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.fpn_channels 128 --model.head_convs 2 --model.backbone resnet34 --model.cls_loss quality_focal --trainer.benchmark true"}
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>/dev/null &
+  smi=$!
+  pids=()
+  IFS=';' read -ra recipes <<< "$RECIPES"
+  for recipe in "${recipes[@]}"; do
+    name=${recipe%%|*}
+    read -ra extra <<< "${recipe#*|}"
+    RUN=runs/txl_gpu/$name
+    rm -rf "$RUN"
+    (
+      python3 -m lld_lightning.cli fit --config configs/txl.yaml --data.root "$ROOT" \
+        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" \
+        --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
+        --trainer.check_val_every_n_epoch null --trainer.val_check_interval 00:00:01:00 \
+        --trainer.callbacks+=lld_lightning.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
+        --trainer.enable_progress_bar false > "$OUT/${name}_fit.log" 2>&1
+      python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
+        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" \
+        --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
+        --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
+      cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_test_metrics.csv" 2>/dev/null
+      cp "$(ls "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_fit_metrics.csv" 2>/dev/null
+    ) &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  kill "$smi" 2>/dev/null
+  for recipe in "${recipes[@]}"; do
+    name=${recipe%%|*}
+    echo "== $name: ${recipe#*|}"
+    grep -h "time budget\]" "$OUT/${name}_fit.log"
+    grep -A12 "per-domain results" "$OUT/${name}_test.log" | grep -E "all|BCCD|BCDD|PBC|Raabin"
+  done
   echo "[gpu_txl] txl part ${SECONDS}s"
 fi
 

@@ -49,6 +49,29 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> Non
     assert "model:" in printed and "data:" in printed
 
 
+def test_gpu_overlay_builds_a_time_budgeted_four_minute_run(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # configs/gpu/*.yaml are overlays: they only make sense on top of the config they name.
+    from lld_lightning.cli import LldCLI
+    from lld_lightning.data.datamodule import LldDataModule
+    from lld_lightning.time_budget import TimeBudget
+
+    monkeypatch.chdir(tmp_path)
+    cli = LldCLI(LldModule, LldDataModule, run=False, args=[
+        "--config", str(REPO / "configs/txl.yaml"), "--config", str(REPO / "configs/gpu/txl_4min.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+    ])
+    budgets = [c for c in cli.trainer.callbacks if isinstance(c, TimeBudget)]
+    assert len(budgets) == 1 and budgets[0].budget_s == 240
+    checkpoints = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
+    assert len(checkpoints) == 1 and checkpoints[0].monitor == "val/map"
+    assert cli.trainer._val_check_time_interval == 60
+    assert cli.model.hparams.backbone == "resnet34" and cli.model.hparams.cls_loss == "quality_focal"
+    assert cli.datamodule.hparams.batch_size == 64 and cli.datamodule.hparams.image_size == 640
+    # Everything else still comes from txl.yaml.
+    assert cli.datamodule.class_names == ["WBC", "RBC", "Platelets"]
+
+
 def test_validate_and_test_print_per_domain_table(fitted: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(fitted)

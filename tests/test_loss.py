@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
 from lld_lightning.losses import SparseDetectionLoss
+from lld_lightning.losses.sparse_loss import quality_focal_loss
 from lld_lightning.models.assign import assign_locations
 
 NUM_CLASSES = 3
@@ -144,8 +145,9 @@ def test_fixture_assignment() -> None:
 
 
 # 1. Outside the regions: no loss, no gradient, no influence on other locations.
-def test_outside_region_logits_change_nothing_in_masked_mode() -> None:
-    loss = SparseDetectionLoss(NUM_CLASSES, SPEC)
+@pytest.mark.parametrize("cls_loss", ["focal", "quality_focal"])
+def test_outside_region_logits_change_nothing_in_masked_mode(cls_loss: str) -> None:
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss=cls_loss)
     targets = two_cell_targets()
     ignored = matched_for(targets) == IGNORE  # [1, P], 12 locations
     assert ignored.sum() == 12
@@ -312,6 +314,30 @@ def test_hand_computed_values(box_loss: str) -> None:
     assert terms["cls"].item() == pytest.approx(expected_cls, rel=1e-6)
 
 
+def test_quality_focal_hand_computed_and_detached_from_the_boxes() -> None:
+    outputs, targets = single_cell_outputs()
+    terms = SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss="quality_focal")(outputs, targets)
+    # Logits 0 (probability 0.5), so BCE = ln 2 whatever the target. The positive class of each
+    # of the 4 positives aims at the IoU 144/256: |IoU - 0.5|^2 ln 2; the 56 other entries aim
+    # at 0: 0.25 ln 2. Divided by the 4 positives.
+    iou = 144 / 256
+    expected = (4 * (iou - 0.5) ** 2 + 56 * 0.25) * LN2 / 4
+    assert terms["cls"].item() == pytest.approx(expected, rel=1e-5)
+    grad = torch.autograd.grad(terms["cls"], outputs["box_deltas"], allow_unused=True)[0]
+    assert grad is None or (grad == 0).all()
+    # Box, quality and attribute terms do not depend on the classification loss.
+    focal = SparseDetectionLoss(NUM_CLASSES, SPEC)(outputs, targets)
+    for key in ("box", "quality", "attributes", "num_foreground"):
+        assert torch.equal(terms[key], focal[key]), key
+
+
+def test_quality_focal_loss_is_zero_at_its_target() -> None:
+    logits = torch.tensor([[-2.0, 0.0, 3.0]])
+    at_target = quality_focal_loss(logits, logits.sigmoid())
+    assert torch.allclose(at_target, torch.zeros_like(at_target), atol=1e-7)
+    assert (quality_focal_loss(logits, torch.zeros_like(logits)) > 0).all()
+
+
 def test_quality_target_is_detached_from_the_boxes() -> None:
     outputs, targets = single_cell_outputs()
     terms = SparseDetectionLoss(NUM_CLASSES, SPEC)(outputs, targets)
@@ -382,6 +408,8 @@ def test_invalid_arguments_are_rejected() -> None:
         SparseDetectionLoss(NUM_CLASSES, SPEC, mode="dense")
     with pytest.raises(ValueError, match="box_loss"):
         SparseDetectionLoss(NUM_CLASSES, SPEC, box_loss="iou")
+    with pytest.raises(ValueError, match="cls_loss"):
+        SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss="softmax")
     targets = two_cell_targets()
     targets["attributes"] = targets["attributes"][..., :1]
     with pytest.raises(ValueError, match="attribute"):

@@ -29,6 +29,7 @@ from lld_lightning.models.detector import decode_boxes
 
 LossMode = Literal["masked", "naive"]
 BoxLossName = Literal["giou", "ciou", "diou"]
+ClsLossName = Literal["focal", "quality_focal"]
 
 BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
     "giou": generalized_box_iou_loss,
@@ -56,6 +57,25 @@ def elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
     area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
     return intersection / (area1 + area2 - intersection + IOU_EPS)
+
+
+def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Quality focal loss (Li et al., GFL, 2020): focal BCE with a soft target in ``[0, 1]``.
+
+    ``|y - sigmoid(x)|^beta * BCE(x, y)`` elementwise: the positive class of a positive location
+    aims at its box's IoU instead of 1, so the class score itself ranks boxes by how well they
+    fit (what mAP@[.5:.95] rewards); every other entry aims at 0 as in the plain focal loss.
+
+    Args:
+        logits: float ``[..., C]``.
+        targets: float ``[..., C]`` soft targets in ``[0, 1]`` (not differentiated through).
+
+    Returns:
+        float ``[..., C]`` per-element losses.
+    """
+    probability = logits.sigmoid()
+    modulation = (targets - probability).abs().pow(beta)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:
@@ -97,6 +117,9 @@ class SparseDetectionLoss(nn.Module):
         focal_gamma: focal-loss focusing exponent.
         center_radius: centre-sampling radius of the assigner, in strides.
         box_loss: ``"giou"``, ``"ciou"`` or ``"diou"`` (the torchvision losses).
+        cls_loss: ``"focal"`` (torchvision's sigmoid focal loss, one-hot targets) or
+            ``"quality_focal"`` (`quality_focal_loss`: a positive's class target is the IoU of
+            its predicted box with its cell, detached).
     """
 
     def __init__(
@@ -108,15 +131,19 @@ class SparseDetectionLoss(nn.Module):
         focal_gamma: float = 2.0,
         center_radius: float = 1.5,
         box_loss: BoxLossName = "giou",
+        cls_loss: ClsLossName = "focal",
     ) -> None:
         super().__init__()
         if mode not in ("masked", "naive"):
             raise ValueError(f"mode must be 'masked' or 'naive', got {mode!r}")
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {sorted(BOX_LOSSES)}, got {box_loss!r}")
+        if cls_loss not in ("focal", "quality_focal"):
+            raise ValueError(f"cls_loss must be 'focal' or 'quality_focal', got {cls_loss!r}")
         self.num_classes = num_classes
         self.attribute_spec = dict(attribute_spec)
         self.mode = mode
+        self.cls_loss = cls_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.center_radius = center_radius
@@ -195,14 +222,6 @@ class SparseDetectionLoss(nn.Module):
         location_label = labels.gather(1, cell).clamp(min=0)  # [B, P]
         cls_target = F.one_hot(location_label, self.num_classes).float()  # [B, P, C]
         cls_target = cls_target * foreground[..., None]
-        cls_loss = sigmoid_focal_loss(
-            cls_logits[valid],
-            cls_target[valid],
-            alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
-            reduction="none",
-        ).sum(dim=1)  # [V]
-        cls_term = (cls_loss * location_weight[valid]).sum() / normaliser
 
         # Positive locations only, flattened to [N].
         image_index, point_index = foreground.nonzero(as_tuple=True)
@@ -224,6 +243,20 @@ class SparseDetectionLoss(nn.Module):
         box_term = (box_loss * positive_box_weight).sum() / normaliser
 
         iou = elementwise_iou(predicted.detach(), target_boxes)  # [N]
+        if self.cls_loss == "focal":
+            cls_loss = sigmoid_focal_loss(
+                cls_logits[valid],
+                cls_target[valid],
+                alpha=self.focal_alpha,
+                gamma=self.focal_gamma,
+                reduction="none",
+            ).sum(dim=1)  # [V]
+        else:
+            positive_iou = torch.zeros_like(location_weight)  # [B, P]
+            positive_iou[image_index, point_index] = iou
+            soft_target = cls_target * positive_iou[..., None]  # [B, P, C]
+            cls_loss = quality_focal_loss(cls_logits[valid], soft_target[valid]).sum(dim=1)  # [V]
+        cls_term = (cls_loss * location_weight[valid]).sum() / normaliser
         quality_logits = outputs["quality_logits"].float()[image_index, point_index]  # [N]
         quality_loss = F.binary_cross_entropy_with_logits(quality_logits, iou, reduction="none")
         quality_term = (quality_loss * positive_box_weight).sum() / normaliser
