@@ -83,6 +83,8 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         "model.roi_readout": args.roi_readout,
         "model.max_containment": 0.5 if args.roi_readout else None,
         "model.roi_pixel_crop": 0,  # nor configs/sparse.yaml's pixel crops (added later still)
+        # nor configs/txl.yaml's quality focal loss (added after all the study's tables)
+        "model.cls_loss": args.cls_loss,
     }
     if args.quick:
         # Seconds: the tiny model on a tiny synthetic set (what tests/test_study.py runs).
@@ -363,7 +365,7 @@ def render(
             else ""
         )
         + "; self-training 0.95 / 0.1; "
-        f"class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
+        f"classification loss {args.cls_loss}; class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
         f"{date or dt.datetime.now().isoformat(timespec='minutes')}",
         f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
@@ -523,6 +525,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--validations", type=int, default=2, help="validations per run (best checkpoint)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cls-loss", default="focal", choices=["focal", "quality_focal"],
+        help="classification loss of every row (the tables so far: focal)",
+    )
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
