@@ -175,6 +175,8 @@ def run_config(
             init_args["expert_normaliser"] = True
         if pseudo_mode.startswith("teacher") and args.pseudo_class_only:
             init_args["localise"] = False
+        if pseudo_mode.startswith("teacher") and args.pseudo_attribute_threshold is not None:
+            init_args["attribute_threshold"] = args.pseudo_attribute_threshold
         callbacks.append(
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
         )
@@ -358,6 +360,12 @@ def render(
             else ""
         )
         + ("; teacher pseudo-labels train the class only" if args.pseudo_class_only else "")
+        + (
+            f"; pseudo-label attributes copied at probability >= {args.pseudo_attribute_threshold}"
+            + (" (none)" if args.pseudo_attribute_threshold > 1 else "")
+            if args.pseudo_attribute_threshold is not None
+            else ""
+        )
         + (
             "; the +norm row's pseudo-labels add their loss on top of the expert loss without "
             "counting in its positive count (`expert_normaliser`)"
@@ -561,6 +569,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pseudo-class-only",
         action="store_true",
         help="teacher rows: pseudo-labels train the class only (PseudoLabeller localise=False)",
+    )
+    parser.add_argument(
+        "--pseudo-attribute-threshold",
+        type=float,
+        help="teacher rows: copy a pseudo-label's attribute only at this probability "
+        "(PseudoLabeller attribute_threshold, default 0.7; above 1 copies none)",
     )
     parser.add_argument(
         "--roi-readout",

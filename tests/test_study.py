@@ -45,6 +45,12 @@ def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
     assert teacher["init_args"]["localise"] is False
     reference = study.run_config(args, Path("run"), "self", 240)["trainer"]["callbacks"][-1]
     assert "localise" not in reference["init_args"]  # the reference row stays the reference
+    assert "attribute_threshold" not in teacher["init_args"]
+    args = study.parse_args(["--datasets", "synthetic", "--pseudo-attribute-threshold", "1.01"])
+    teacher = study.run_config(args, Path("run"), "teacher-norm", 240)["trainer"]["callbacks"][-1]
+    assert teacher["init_args"]["attribute_threshold"] == 1.01
+    reference = study.run_config(args, Path("run"), "self", 240)["trainer"]["callbacks"][-1]
+    assert "attribute_threshold" not in reference["init_args"]
 
 
 def test_findings_compare_rows() -> None:
