@@ -25,16 +25,13 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
+from lld_lightning.benchmark import to_device
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.sample import collate
 from lld_lightning.module import LldModule
 
 #: Profiler rows that are host syncs on a CPU-only machine.
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def measure(batch_size: int, args: argparse.Namespace, config: dict, device: torch.device) -> dict:

@@ -23,8 +23,11 @@ class FakeClock:
         return self.now
 
 
-def _fit_with_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
-    """A tiny fit with a `TimeBudget` on the fake clock; ``args`` are extra CLI arguments."""
+def _fit_with_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minutes: str, calibration_steps: str, *args: str
+):
+    """A tiny fit with a `TimeBudget` (``update_every`` 2) on the fake clock; ``args`` are extra
+    CLI arguments, given before the callback."""
     monkeypatch.setattr(time_budget, "_clock", FakeClock())
     monkeypatch.chdir(tmp_path)
     return main([
@@ -33,6 +36,10 @@ def _fit_with_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str
         "--data.synthetic_dir", str(tmp_path / "data"),
         "--trainer.default_root_dir", str(tmp_path / "run"),
         *args,
+        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
+        "--trainer.callbacks.minutes", minutes,
+        "--trainer.callbacks.calibration_steps", calibration_steps,
+        "--trainer.callbacks.update_every", "2",
     ])
 
 
@@ -42,13 +49,11 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
     cli = _fit_with_budget(
         tmp_path,
         monkeypatch,
+        "0.2",  # minutes: 12 clock readings
+        "2",  # calibration steps
         "--trainer.max_epochs", "1",  # lifted by the budget
         "--trainer.check_val_every_n_epoch", "null",
         "--trainer.val_check_interval", "1000",  # only the budget's final validation
-        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
-        "--trainer.callbacks.minutes", "0.2",  # 12 clock readings
-        "--trainer.callbacks.calibration_steps", "2",
-        "--trainer.callbacks.update_every", "2",
     )
     budget = next(c for c in cli.trainer.callbacks if isinstance(c, TimeBudget))
     # One reading at train start and one per step: 12 s at 1 s per step, whatever max_epochs said.
@@ -65,14 +70,7 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
 def test_budget_stops_before_calibration_when_time_is_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = _fit_with_budget(
-        tmp_path,
-        monkeypatch,
-        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
-        "--trainer.callbacks.minutes", "0.05",  # 3 readings, calibration never reached
-        "--trainer.callbacks.calibration_steps", "100",
-        "--trainer.callbacks.update_every", "2",
-    )
+    cli = _fit_with_budget(tmp_path, monkeypatch, "0.05", "100")  # 3 readings, calibration never reached
     assert 2 <= cli.trainer.global_step <= 4
 
 

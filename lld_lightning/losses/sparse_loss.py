@@ -10,7 +10,7 @@ masked loss is compared against).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -138,8 +138,8 @@ class SparseDetectionLoss(nn.Module):
             raise ValueError(f"mode must be 'masked' or 'naive', got {mode!r}")
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {sorted(BOX_LOSSES)}, got {box_loss!r}")
-        if cls_loss not in ("focal", "quality_focal"):
-            raise ValueError(f"cls_loss must be 'focal' or 'quality_focal', got {cls_loss!r}")
+        if cls_loss not in get_args(ClsLossName):
+            raise ValueError(f"cls_loss must be one of {get_args(ClsLossName)}, got {cls_loss!r}")
         self.num_classes = num_classes
         self.attribute_spec = dict(attribute_spec)
         self.mode = mode
