@@ -449,3 +449,18 @@ def test_normaliser_weights_only_change_the_divisor() -> None:
     scale = default["num_foreground"] / expert["num_foreground"]
     for key in ("cls", "box", "quality", "attributes"):
         assert expert[key].item() == pytest.approx((default[key] * scale).item(), rel=1e-6), key
+
+
+def test_supervised_fraction_counts_locations_with_a_classification_loss() -> None:
+    targets = two_cell_targets()  # 12 of the 20 locations are ignored (see the fixture test)
+    masked = SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), targets)
+    assert masked["supervised_fraction"].item() == pytest.approx(8 / 20)
+    naive = SparseDetectionLoss(NUM_CLASSES, SPEC, mode="naive")(make_outputs(), targets)
+    assert naive["supervised_fraction"].item() == 1.0
+    # An ignore box over background inside a whole-image region takes its locations out.
+    whole = two_cell_targets(region=WHOLE_IMAGE)
+    whole["ignore_boxes"] = torch.tensor([[[25.0, 1.0, 31.0, 7.0]]])  # around (28, 4): location 3 only
+    whole["ignore_valid"] = torch.ones(1, 1, dtype=torch.bool)
+    ignored = SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), whole)
+    assert ignored["supervised_fraction"].item() == pytest.approx(19 / 20)
+    assert not ignored["supervised_fraction"].requires_grad

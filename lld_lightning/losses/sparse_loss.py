@@ -174,7 +174,10 @@ class SparseDetectionLoss(nn.Module):
         Returns:
             Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes``, ``roi_cls``,
             ``roi_attributes`` (both 0 without ``outputs["roi"]``) and the detached
-            ``num_foreground`` (positives in the batch, mean over ranks).
+            ``num_foreground`` (positives in the batch, mean over ranks) and
+            ``supervised_fraction`` (the share of this rank's locations that carry a
+            classification loss: 1 for ``naive``, the annotated share of the field for
+            ``masked``; for logging).
         """
         device_type = outputs["cls_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
@@ -284,6 +287,7 @@ class SparseDetectionLoss(nn.Module):
             "roi_cls": roi_cls_term,
             "roi_attributes": roi_attribute_term,
             "num_foreground": num_foreground,
+            "supervised_fraction": valid.float().mean().detach(),
         }
 
     def _readout_terms(
