@@ -611,24 +611,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+#: Settings every JSON merged into one table must share (the table has one "Budget" line).
+SHARED_SETTINGS = (
+    "max_steps", "synthetic_steps", "txl_steps", "budget_minutes", "validations", "seed",
+    "backbone", "fpn_channels", "batch_size", "synthetic_image_size", "txl_image_size",
+    "cls_loss", "roi_readout",
+)
+#: Settings that JSONs with pseudo-label rows must share when merged.
+PSEUDO_SETTINGS = (
+    "threshold", "pseudo_weight", "pseudo_warmup", "ema_decay", "background_threshold",
+    "pseudo_class_only", "pseudo_attribute_threshold",
+)
+PSEUDO_ROWS = frozenset(name for name, _, pseudo_mode, _ in ROWS if pseudo_mode is not None)
+
+
+def _settings_index(records: list[dict], settings: list[dict], sources: list[Path]) -> int:
+    """Which record's settings describe a merged table; raises if the records disagree."""
+    with_pseudo = [
+        i for i, record in enumerate(records)
+        if any(r["row"] in PSEUDO_ROWS for r in record["results"])
+    ]
+    checks = [(SHARED_SETTINGS, range(len(records))), (PSEUDO_SETTINGS, with_pseudo)]
+    for keys, indices in checks:
+        indices = list(indices)
+        for key in keys:
+            values = {i: settings[i].get(key) for i in indices}
+            if len({json.dumps(v) for v in values.values()}) > 1:
+                listed = ", ".join(f"{sources[i]}: {v!r}" for i, v in values.items())
+                raise ValueError(f"cannot merge runs made with different --{key.replace('_', '-')}"
+                                 f" into one table ({listed})")
+    return with_pseudo[0] if with_pseudo else 0
+
+
 def rerender(sources: list[Path], out: Path) -> list[RunResult]:
     """Rewrite the Markdown report from a study's JSON (e.g. after the findings text changed).
 
     Several JSONs (e.g. one process per row, run at the same time) make one table: their rows
-    in the order given, the first one's settings, every command, the longest total time.
+    in the order given, every command, the longest total time, and the settings of the first
+    one with a pseudo-label row (else the first one). They must agree on the budget
+    (`SHARED_SETTINGS`), and those with pseudo-label rows on the pseudo-labeller
+    (`PSEUDO_SETTINGS`): one "Budget" line describes every row.
     """
     records = [json.loads(source.read_text()) for source in sources]
     results = [RunResult(**r) for record in records for r in record["results"]]
-    record = records[0]
+    # Defaults of flags added after the run (e.g. --roi-readout) fill what the record lacks.
+    defaults = vars(parse_args(["--render-from", *map(str, sources)]))
+    settings = [{**defaults, **r["args"]} for r in records]
+    index = _settings_index(records, settings, sources)
+    record = records[index]
     date = record.get("date") or dt.datetime.fromtimestamp(sources[0].stat().st_mtime).isoformat(
         timespec="minutes"
     )
     command = " & ".join(r["command"] for r in records)
     if len(records) > 1:
         command += " (separate processes; then `--render-from` their JSONs)"
-    # Defaults of flags added after the run (e.g. --roi-readout) fill what the record lacks.
-    defaults = vars(parse_args(["--render-from", *map(str, sources)]))
-    args = argparse.Namespace(**{**defaults, **record["args"]})
+    args = argparse.Namespace(**settings[index])
     total = max(r["total_s"] for r in records)
     text = render(results, args, command, total, record["machine"], date)
     out.write_text(text)

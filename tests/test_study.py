@@ -214,3 +214,34 @@ def test_expert_normaliser_row_only_when_named() -> None:
     config = study.run_config(args, Path("run"), "teacher-norm", 10)
     pseudo = config["trainer"]["callbacks"][-1]["init_args"]
     assert pseudo["mode"] == "teacher" and pseudo["expert_normaliser"] is True
+
+
+def test_rerender_takes_pseudo_settings_from_the_pseudo_row_and_refuses_other_budgets(
+    tmp_path: Path,
+) -> None:
+    def write(name: str, rows: list[str], argv: list[str]) -> Path:
+        args = study.parse_args(["--datasets", "synthetic", *argv])
+        results = [
+            asdict(study.RunResult("synthetic", 0.2, row, 0.4, 0.6, None, 9, 1.0, "b", {}))
+            for row in rows
+        ]
+        record = {"command": name, "machine": "m", "date": "2026-01-02T03:04", "total_s": 1.0,
+                  "args": vars(args), "results": results}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(record))
+        return path
+
+    # The masked row was run with --pseudo-class-only (it has no pseudo-labeller); the teacher
+    # row without it: the Budget line must describe the teacher row.
+    masked = write("masked", ["masked"], ["--synthetic-steps", "9", "--pseudo-class-only"])
+    teacher = write("teacher", ["masked+teacher"], ["--synthetic-steps", "9"])
+    out = tmp_path / "merged.md"
+    study.main(["--render-from", str(masked), str(teacher), "--out", str(out)])
+    assert "train the class only" not in out.read_text()
+    class_only = write("class_only", ["masked+teacher+norm"],
+                       ["--synthetic-steps", "9", "--pseudo-class-only"])
+    with pytest.raises(ValueError, match="--pseudo-class-only"):
+        study.main(["--render-from", str(teacher), str(class_only), "--out", str(out)])
+    longer = write("longer", ["full"], ["--synthetic-steps", "18"])
+    with pytest.raises(ValueError, match="--synthetic-steps.*longer.json: 18"):
+        study.main(["--render-from", str(masked), str(longer), "--out", str(out)])
