@@ -631,9 +631,7 @@ def _settings_index(records: list[dict], settings: list[dict], sources: list[Pat
         i for i, record in enumerate(records)
         if any(r["row"] in PSEUDO_ROWS for r in record["results"])
     ]
-    checks = [(SHARED_SETTINGS, range(len(records))), (PSEUDO_SETTINGS, with_pseudo)]
-    for keys, indices in checks:
-        indices = list(indices)
+    for keys, indices in ((SHARED_SETTINGS, range(len(records))), (PSEUDO_SETTINGS, with_pseudo)):
         for key in keys:
             values = {i: settings[i].get(key) for i in indices}
             if len({json.dumps(v) for v in values.values()}) > 1:
@@ -659,7 +657,7 @@ def rerender(sources: list[Path], out: Path) -> list[RunResult]:
     settings = [{**defaults, **r["args"]} for r in records]
     index = _settings_index(records, settings, sources)
     record = records[index]
-    date = record.get("date") or dt.datetime.fromtimestamp(sources[0].stat().st_mtime).isoformat(
+    date = record.get("date") or dt.datetime.fromtimestamp(sources[index].stat().st_mtime).isoformat(
         timespec="minutes"
     )
     command = " & ".join(r["command"] for r in records)

@@ -173,11 +173,11 @@ class SparseDetectionLoss(nn.Module):
 
         Returns:
             Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes``, ``roi_cls``,
-            ``roi_attributes`` (both 0 without ``outputs["roi"]``) and the detached
+            ``roi_attributes`` (both 0 without ``outputs["roi"]``), and, detached for logging,
             ``num_foreground`` (positives in the batch, mean over ranks) and
             ``supervised_fraction`` (the share of this rank's locations that carry a
             classification loss: 1 for ``naive``, the annotated share of the field for
-            ``masked``; for logging).
+            ``masked``).
         """
         device_type = outputs["cls_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
