@@ -308,8 +308,12 @@ def render(
     total_s: float,
     machine_text: str | None = None,
     date: str | None = None,
+    runs_dirs: list[str] | None = None,
 ) -> str:
-    """The Markdown report: table, findings, command, machine, budget, time, date."""
+    """The Markdown report: table, findings, command, machine, budget, time, date.
+
+    ``runs_dirs``: the run folders of a merged table (one per JSON); default ``args.runs_dir``.
+    """
     full = {r.dataset: r.map_50 for r in results if r.row == "full"}
     lines = [
         "# Sparse study: full vs naive vs region-masked vs pseudo-labels",
@@ -376,7 +380,9 @@ def render(
         f"classification loss {args.cls_loss}; class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
         f"{date or dt.datetime.now().isoformat(timespec='minutes')}",
-        f"- Runs: `{args.runs_dir}/<dataset>/<row>_f<fraction>/` (configs, logs, checkpoints).",
+        "- Runs: "
+        + ", ".join(f"`{d}/<dataset>/<row>_f<fraction>/`" for d in runs_dirs or [args.runs_dir])
+        + " (configs, logs, checkpoints).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -665,12 +671,18 @@ def rerender(sources: list[Path], out: Path) -> list[RunResult]:
         command += " (separate processes; then `--render-from` their JSONs)"
     args = argparse.Namespace(**settings[index])
     total = max(r["total_s"] for r in records)
-    text = render(results, args, command, total, record["machine"], date)
+    # A merged JSON keeps the folders of its sources, so merging it again names them all.
+    runs_dirs = list(dict.fromkeys(
+        d
+        for rec, s in zip(records, settings, strict=True)
+        for d in rec.get("runs_dirs", [s["runs_dir"]])
+    ))
+    text = render(results, args, command, total, record["machine"], date, runs_dirs)
     out.write_text(text)
     if len(records) > 1:
         out.with_suffix(".json").write_text(
             json.dumps(
-                {**record, "command": command, "total_s": total,
+                {**record, "command": command, "total_s": total, "runs_dirs": runs_dirs,
                  "results": [asdict(r) for r in results]},
                 indent=2,
             )

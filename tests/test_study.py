@@ -175,7 +175,7 @@ def test_rerender_merges_one_json_per_row(tmp_path: Path) -> None:
             "machine": "gpu machine",
             "date": "2026-01-02T03:04",
             "total_s": 130.0 + index,
-            "args": vars(args),
+            "args": {**vars(args), "runs_dir": f"runs/{name}"},
             "results": [asdict(result)],
         }
         sources.append(tmp_path / f"{name}.json")
@@ -187,8 +187,13 @@ def test_rerender_merges_one_json_per_row(tmp_path: Path) -> None:
     assert "--rows full & python -m lld_lightning.study --rows masked &" in text
     assert "separate processes" in text and "2.0 min of training per run (`TimeBudget`" in text
     assert "| synthetic | 0.2 | masked+teacher | 0.400 | 0.700 | - | 87.5 |" in text
+    assert ("- Runs: `runs/full/<dataset>/<row>_f<fraction>/`, `runs/masked/<dataset>/<row>_f"
+            "<fraction>/`, `runs/masked+teacher/<dataset>/") in text
     merged = json.loads(out.with_suffix(".json").read_text())
     assert len(merged["results"]) == 3 and merged["total_s"] == 132.0
+    again = tmp_path / "again.md"
+    study.main(["--render-from", str(out.with_suffix(".json")), "--out", str(again)])
+    assert again.read_text().splitlines()[-1] == text.splitlines()[-1]
 
 
 def test_budget_runs_follow_the_time_budget() -> None:
