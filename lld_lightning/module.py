@@ -7,12 +7,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
 from lld_lightning.data.sample import Batch, unbatch_targets
 from lld_lightning.data.transforms import invert_boxes
+from lld_lightning.ema import WeightEma
 from lld_lightning.losses import SparseDetectionLoss
 from lld_lightning.metrics import DomainMetrics, render_metrics_table
 from lld_lightning.models import build_detector
@@ -91,6 +93,10 @@ class LldModule(L.LightningModule):
         metrics_backend: ``pycocotools`` or ``faster_coco_eval`` for mAP.
         channels_last: run the detector in channels-last memory format (faster on GPUs).
         compile: wrap the detector in ``torch.compile``.
+        ema_decay: keep an exponential moving average of the weights (`WeightEma`, added for
+            fitting): validation, checkpoints and the model after training use the average.
+            ``None`` (default): no average.
+        ema_ramp_steps: optimizer steps over which the average's decay rises to ``ema_decay``.
     """
 
     def __init__(
@@ -128,6 +134,8 @@ class LldModule(L.LightningModule):
         metrics_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         channels_last: bool = False,
         compile: bool = False,
+        ema_decay: float | None = None,
+        ema_ramp_steps: float = 2000.0,
     ) -> None:
         super().__init__()
         attribute_spec = dict(LLD_ATTRIBUTE_SPEC) if attribute_spec is None else dict(attribute_spec)
@@ -171,6 +179,15 @@ class LldModule(L.LightningModule):
         self.val_metrics: DomainMetrics | None = None
         self.test_metrics: DomainMetrics | None = None
         self.test_results: dict[str, float] = {}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """`WeightEma` when ``ema_decay`` is set, for fitting only (validate, test and predict
+        read checkpoints, which already hold the averaged weights)."""
+        if self.hparams.ema_decay is None or self._trainer is None:
+            return []
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        return [WeightEma(self.hparams.ema_decay, self.hparams.ema_ramp_steps)]
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict[str, Any]:

@@ -85,6 +85,8 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         "model.roi_pixel_crop": 0,  # nor configs/sparse.yaml's pixel crops (added later still)
         # nor configs/txl.yaml's quality focal loss (added after all the study's tables)
         "model.cls_loss": args.cls_loss,
+        "model.ema_decay": args.weight_ema,
+        "model.ema_ramp_steps": args.weight_ema_ramp,
     }
     if args.quick:
         # Seconds: the tiny model on a tiny synthetic set (what tests/test_study.py runs).
@@ -376,6 +378,12 @@ def render(
             if any(r.row == "masked+teacher+norm" for r in results)
             else ""
         )
+        + (
+            f"; every row evaluated with an EMA of its weights (decay {args.weight_ema}, ramp "
+            f"{args.weight_ema_ramp:g} steps)"
+            if args.weight_ema is not None
+            else ""
+        )
         + "; self-training 0.95 / 0.1; "
         f"classification loss {args.cls_loss}; class and attributes from the {'region read-out' if args.roi_readout else 'dense head'}.",
         f"- Total time: {total_s / 60:.1f} min; date: "
@@ -543,6 +551,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cls-loss", default="focal", choices=["focal", "quality_focal"],
         help="classification loss of every row (the tables so far: focal)",
     )
+    parser.add_argument(
+        "--weight-ema", type=float, metavar="DECAY",
+        help="every row validates, tests and keeps an EMA of its weights (LldModule ema_decay)",
+    )
+    parser.add_argument(
+        "--weight-ema-ramp", type=float, default=2000.0,
+        help="steps over which that EMA's decay ramps up (LldModule ema_ramp_steps)",
+    )
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -621,7 +637,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 SHARED_SETTINGS = (
     "max_steps", "synthetic_steps", "txl_steps", "budget_minutes", "validations", "seed",
     "backbone", "fpn_channels", "batch_size", "synthetic_image_size", "txl_image_size",
-    "cls_loss", "roi_readout",
+    "cls_loss", "roi_readout", "weight_ema", "weight_ema_ramp",
 )
 #: Settings that JSONs with pseudo-label rows must share when merged.
 PSEUDO_SETTINGS = (

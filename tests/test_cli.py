@@ -218,3 +218,28 @@ def test_lld_command_exits_with_status_zero(fitted: Path, monkeypatch: pytest.Mo
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(command())
     assert exit_info.value.code in (None, 0)
+
+
+def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from lld_lightning.score_thresholds import main as score_thresholds
+
+    monkeypatch.chdir(fitted)
+    out = fitted / "thresholds.json"
+    report = score_thresholds([
+        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--thresholds", "0.5", "0.0",
+        "--precision", "0.0", "--out", str(out), *_args(fitted),
+    ])
+    assert report["thresholds"] == [0.0, 0.5]
+    detections, correct = torch.tensor(report["detections"]), torch.tensor(report["correct"])
+    cells = torch.tensor(report["cells"])
+    assert cells.sum() > 0 and detections[0].sum() > 0
+    assert (detections[1] <= detections[0]).all() and (correct <= detections).all()
+    assert (correct <= cells).all()
+    # at precision 0 every class with a detection at the lowest threshold gets that threshold
+    assert all(report["suggested"][name] == 0.0 for name, n in zip(report["classes"], detections[0],
+                                                                      strict=True) if n > 0)
+    assert json.loads(out.read_text())["classes"] == report["classes"]
+    assert "PseudoLabeller class_thresholds" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        score_thresholds(["--ckpt_path", str(fitted / "missing.ckpt"), *_args(fitted)])
