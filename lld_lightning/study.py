@@ -85,6 +85,7 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         "model.roi_pixel_crop": 0,  # nor configs/sparse.yaml's pixel crops (added later still)
         # nor configs/txl.yaml's quality focal loss (added after all the study's tables)
         "model.cls_loss": args.cls_loss,
+        "model.out_indices": args.out_indices,
         "model.ema_decay": args.weight_ema,
         "model.ema_ramp_steps": args.weight_ema_ramp,
     }
@@ -355,7 +356,13 @@ def render(
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine_text or machine()}",
-        f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining); "
+        f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining)"
+        + (
+            f", stages {args.out_indices} into the pyramid"
+            if list(args.out_indices) != [2, 3, 4]
+            else ""
+        )
+        + "; "
         f"validation {args.validations}x per run for the best checkpoint; pseudo-labels after "
         f"{args.pseudo_warmup:.0%} of the steps; teacher threshold {args.threshold}, weight "
         f"{args.pseudo_weight}, EMA decay {args.ema_decay}"
@@ -560,6 +567,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="steps over which that EMA's decay ramps up (LldModule ema_ramp_steps)",
     )
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument(
+        "--out-indices", type=int, nargs="+", default=[2, 3, 4],
+        help="backbone stages fed to the feature pyramid (1 adds a stride-4 level)",
+    )
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -637,7 +648,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 SHARED_SETTINGS = (
     "max_steps", "synthetic_steps", "txl_steps", "budget_minutes", "validations", "seed",
     "backbone", "fpn_channels", "batch_size", "synthetic_image_size", "txl_image_size",
-    "cls_loss", "roi_readout", "weight_ema", "weight_ema_ramp",
+    "cls_loss", "roi_readout", "weight_ema", "weight_ema_ramp", "out_indices",
 )
 #: Settings that JSONs with pseudo-label rows must share when merged.
 PSEUDO_SETTINGS = (
