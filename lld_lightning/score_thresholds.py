@@ -56,17 +56,20 @@ def threshold_counts(
         int64 ``detections [T, C]`` (kept detections per class), ``correct [T, C]`` (those matched
         one-to-one to a cell of their class at IoU >= `MATCH_IOU`) and ``cells [C]``.
     """
+    # Greedy matching visits detections by descending score, so the matches among the detections
+    # at or above a threshold are those of one matching over all of them: match once per class,
+    # then count by threshold.
+    levels = torch.tensor(thresholds, dtype=torch.float32)[:, None]  # [T, 1]
     detections = torch.zeros((len(thresholds), num_classes), dtype=torch.int64)
     correct = torch.zeros_like(detections)
     labels, gt_labels = pred["labels"].cpu(), target["labels"].cpu()
     boxes, scores, gt_boxes = pred["boxes"].cpu().float(), pred["scores"].cpu().float(), target["boxes"].cpu()
-    for t, threshold in enumerate(thresholds):
-        kept = scores >= threshold
-        for c in range(num_classes):
-            mine = kept & (labels == c)
-            detections[t, c] = int(mine.sum())
-            matched = match_detections(boxes[mine], scores[mine], gt_boxes[gt_labels == c], MATCH_IOU)
-            correct[t, c] = int((matched != UNMATCHED).sum())
+    for c in range(num_classes):
+        mine = labels == c
+        matched = match_detections(boxes[mine], scores[mine], gt_boxes[gt_labels == c], MATCH_IOU)
+        hit_scores = scores[mine][matched[matched != UNMATCHED]]
+        detections[:, c] = (scores[mine][None] >= levels).sum(dim=1)
+        correct[:, c] = (hit_scores[None] >= levels).sum(dim=1)
     return {
         "detections": detections,
         "correct": correct,
@@ -81,9 +84,9 @@ def suggest(
     are left out). ``precision``/``detections``: ``[T, C]``, thresholds ascending."""
     chosen = {}
     for c, name in enumerate(names):
-        for t in sorted(range(len(thresholds)), key=lambda i: thresholds[i]):
+        for t, threshold in enumerate(thresholds):
             if detections[t, c] > 0 and precision[t, c] >= target:
-                chosen[name] = thresholds[t]
+                chosen[name] = threshold
                 break
     return chosen
 
