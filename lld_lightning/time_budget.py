@@ -58,6 +58,8 @@ class TimeBudget(Callback):
         self.planned_steps: int | None = None
         self.elapsed_s: float = 0.0
         self.validation_s: float = 0.0  # the last validation's duration, kept for the final one
+        self.validation_total_s: float = 0.0  # every validation inside the budget, summed
+        self.validations: int = 0
         self._validation_start: float | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -69,7 +71,8 @@ class TimeBudget(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start, self.mark, self.planned_steps = _clock(), None, None
-        self.validation_s = 0.0
+        self.validation_s = self.validation_total_s = 0.0
+        self.validations = 0
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.start is not None and not trainer.sanity_checking:
@@ -78,6 +81,8 @@ class TimeBudget(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._validation_start is not None:
             self.validation_s = _clock() - self._validation_start
+            self.validation_total_s += self.validation_s
+            self.validations += 1
             self._validation_start = None
 
     def on_train_batch_end(
@@ -122,13 +127,17 @@ class TimeBudget(Callback):
         self.elapsed_s = _clock() - self.start
         rank_zero_info(
             f"[time budget] {trainer.global_step} optimizer steps in {self.elapsed_s:.0f} s "
-            f"(budget {self.budget_s:.0f} s)"
+            f"(budget {self.budget_s:.0f} s; {self.validations} validations took "
+            f"{self.validation_total_s:.0f} s of it)"
         )
 
     def summary(self) -> dict[str, float]:
-        """Steps planned at the last estimate and seconds of training used."""
+        """Steps planned at the last estimate, seconds of training used and the part of them
+        spent validating (the final validation included when it ran before training ended)."""
         return {
             "budget_s": self.budget_s,
             "elapsed_s": self.elapsed_s,
             "planned_steps": float(self.planned_steps or 0),
+            "validation_s": self.validation_total_s,
+            "validations": float(self.validations),
         }

@@ -43,7 +43,8 @@ fi
 if [[ " $PARTS " == *" txl "* ]]; then
   # configs/txl.yaml with the baseline's input size (YOLO: imgsz 640) and the time budget
   # instead of epochs, one process per recipe, all at once (each its own MINUTES of wall clock
-  # on the shared GPU; give WORKERS=3 for four at once); validation every minute and once at the end; test
+  # on the shared GPU; give WORKERS=3 for four at once); validation every VAL_INTERVAL (DD:HH:MM:SS,
+  # default a minute; longer than the run: only the final one) and once at the end; test
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
   # TimeBudget and checkpoint folder); "base16" reproduces the first 4-minute run (2026-11-26).
@@ -61,7 +62,7 @@ if [[ " $PARTS " == *" txl "* ]]; then
       python3 -m lld_lightning.cli fit --config configs/txl.yaml --data.root "$ROOT" \
         --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" \
         --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
-        --trainer.check_val_every_n_epoch null --trainer.val_check_interval 00:00:01:00 \
+        --trainer.check_val_every_n_epoch null --trainer.val_check_interval "${VAL_INTERVAL:-00:00:01:00}" \
         --trainer.callbacks+=lld_lightning.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
         --trainer.enable_progress_bar false > "$OUT/${name}_fit.log" 2>&1
       python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \

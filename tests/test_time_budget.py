@@ -64,7 +64,10 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
     hparams = cli.model.hparams
     assert lr == pytest.approx(hparams.lr * hparams.min_lr_ratio, rel=0.05)  # cosine ran out
     assert "val/map_50" in cli.trainer.callback_metrics  # the final weights were validated
-    assert budget.summary()["planned_steps"] == 12
+    summary = budget.summary()
+    assert summary["planned_steps"] == 12
+    # The final validation is the only one: two clock readings apart, counted in the summary.
+    assert summary["validations"] == 1 and summary["validation_s"] == 1.0
 
 
 def test_budget_stops_before_calibration_when_time_is_up(
