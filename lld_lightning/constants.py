@@ -10,6 +10,9 @@ BACKGROUND: int = -1
 #: Assigner output for a location outside every annotated region: no loss, no gradient.
 IGNORE: int = -2
 
+#: A detection (or pseudo-label) is right when it overlaps a cell of its class by this IoU.
+MATCH_IOU: float = 0.5
+
 #: In LLD label files a value of 2 on a binary attribute means "not available".
 LLD_MISSING_ATTRIBUTE: int = 2
 

@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import batched_nms
 
-from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.calibration import CALIBRATION_GRID, RegionCalibration, threshold_counts
+from lld_lightning.constants import IGNORE_INDEX, MATCH_IOU
 from lld_lightning.data.transforms import clip_boxes, content_boxes, invert_boxes, transform_boxes
 
 PseudoMode = Literal["teacher", "self"]
@@ -42,8 +43,6 @@ MODE_DEFAULTS: dict[str, tuple[float, float, float]] = {
     "teacher": (0.5, 1.0, 0.5),
     "self": (0.95, 0.1, 0.0),
 }
-#: A pseudo-label counts as correct when it overlaps a hidden cell of its class by this much.
-MATCH_IOU: float = 0.5
 
 
 def box_centres(boxes: Tensor) -> Tensor:
@@ -157,8 +156,8 @@ class PseudoLabeller(Callback):
     Args:
         threshold: minimum score (``sqrt(class prob * quality)``) of a pseudo-label; ``None`` =
             the mode's default (0.5 for ``teacher``; > 0.95 for ``self``).
-        class_thresholds: per-class overrides ``{class name: threshold}`` (fixed, not calibrated:
-            see docs/pseudo_labels.md).
+        class_thresholds: per-class overrides ``{class name: threshold}`` (fixed unless
+            ``calibrate_precision`` is set; see docs/pseudo_labels.md).
         weight: loss weight of a pseudo-label (expert cells weigh 1); ``None`` = the mode's
             default (1.0 for ``teacher``, 0.1 for ``self``).
         warmup_steps: optimizer steps on expert labels only; the teacher starts as a copy of the
@@ -194,6 +193,14 @@ class PseudoLabeller(Callback):
             their terms on top of the expert loss instead of rescaling it. ``False`` (default,
             what `docs/results/sparse.md` was measured with): every positive counts, so a
             field full of pseudo-labels shrinks the expert cells' and the background's share.
+        calibrate_precision: teacher mode only. ``None`` (default): the thresholds stay fixed.
+            A precision: every batch, the teacher's detections *inside* the labelled regions
+            are scored against the expert cells there, and each class's threshold becomes the
+            lowest of `CALIBRATION_GRID` whose (recent) precision reaches this
+            (`RegionCalibration`); ``threshold``/``class_thresholds`` hold until a class has
+            ``calibration_min_detections``. Logged as ``train/pseudo_threshold/<class>``.
+        calibration_memory: about how many batches the calibration remembers.
+        calibration_min_detections: detections a class needs before it is calibrated.
     """
 
     def __init__(
@@ -215,9 +222,18 @@ class PseudoLabeller(Callback):
         background_threshold: float | None = None,
         localise: bool = True,
         expert_normaliser: bool = False,
+        calibrate_precision: float | None = None,
+        calibration_memory: float = 250.0,
+        calibration_min_detections: float = 20.0,
     ) -> None:
         if mode not in MODE_DEFAULTS:
             raise ValueError(f"mode must be one of {sorted(MODE_DEFAULTS)}, got {mode!r}")
+        if calibrate_precision is not None and mode != "teacher":
+            raise ValueError("calibrate_precision needs mode='teacher' (it scores the teacher)")
+        self.calibrate_precision = calibrate_precision
+        self.calibration_memory = calibration_memory
+        self.calibration_min_detections = calibration_min_detections
+        self.calibration: RegionCalibration | None = None
         if background_threshold is not None and (
             mode != "teacher" or not 0.0 <= background_threshold <= 1.0
         ):
@@ -274,6 +290,17 @@ class PseudoLabeller(Callback):
             raise ValueError(f"class_thresholds names unknown classes {unknown}; classes: {names}")
         thresholds = [self.class_thresholds.get(name, self.threshold) for name in names]
         self.thresholds = torch.tensor(thresholds or [self.threshold], device=pl_module.device)
+        self.class_names = names
+        self._set_thresholds = self.thresholds.clone()  # what calibration falls back to
+        if self.calibrate_precision is not None:
+            state = self.calibration.state_dict() if self.calibration is not None else None
+            self.calibration = RegionCalibration(
+                self.thresholds.numel(), self.calibrate_precision, CALIBRATION_GRID,
+                self.calibration_memory, self.calibration_min_detections,
+            )
+            if state is not None:  # restored from a checkpoint before the fit started
+                self.calibration.load_state_dict(state)
+                self.thresholds = self.calibration.thresholds(self._set_thresholds)
         self._last_step = trainer.global_step
         if self.mode == "teacher":
             # A plain attribute of the callback: not a submodule of the LightningModule, so it is
@@ -293,11 +320,17 @@ class PseudoLabeller(Callback):
         state: dict[str, Any] = {"totals": dict(self.totals)}
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
+        if self.calibration is not None:
+            state["calibration"] = self.calibration.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before `on_fit_start` builds the teacher: apply it there.
         self.totals.update(state_dict.get("totals", {}))
+        if "calibration" in state_dict and self.calibrate_precision is not None:
+            if self.calibration is None:  # built in `on_fit_start`, which then applies it
+                self.calibration = RegionCalibration(state_dict["calibration"]["detections"].shape[1])
+            self.calibration.load_state_dict(state_dict["calibration"])
         if "teacher" in state_dict:
             if self.teacher is not None:
                 self.teacher.load_state_dict(state_dict["teacher"])
@@ -350,6 +383,9 @@ class PseudoLabeller(Callback):
             stats["num_pseudo"].float() / batch_size,
             batch_size=batch_size,
         )
+        if self.calibration is not None:
+            for name, value in zip(self.class_names, self.thresholds.tolist(), strict=False):
+                pl_module.log(f"train/pseudo_threshold/{name}", value, batch_size=batch_size)
         for key in ("num_pseudo", "num_correct", "num_hidden", "num_found", "num_missed"):
             self.totals[key] += int(stats.get(key, 0))
         if "num_correct" in stats and int(stats["num_pseudo"]) > 0:
@@ -399,6 +435,8 @@ class PseudoLabeller(Callback):
         was_training = model.training
         model.eval()  # running BN statistics, and the student's are not disturbed
         lowest = float(self.thresholds.min())
+        if self.calibration is not None:  # scores the whole grid inside the regions
+            lowest = min(lowest, self.calibration.grid[0])
         if self.background_threshold is not None:
             lowest = min(lowest, self.background_threshold)
         try:
@@ -433,7 +471,52 @@ class PseudoLabeller(Callback):
             ``num_hidden`` and ``num_found`` (see `pseudo_label_quality`).
         """
         preds, prefix = self.detections(batch, pl_module)
+        if self.calibration is not None:
+            self.calibrate(batch, preds, prefix, pl_module)
         return self.select_and_append(batch, preds, prefix)
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        batch: dict[str, Any],
+        preds: list[dict[str, Tensor]],
+        prefix: str,
+        pl_module: L.LightningModule,
+    ) -> None:
+        """Score the detections inside the labelled regions (after the class-agnostic NMS that
+        the pseudo-labels get) against the expert cells, update `RegionCalibration` (summed over
+        DDP ranks, so every rank keeps the same thresholds) and set ``self.thresholds``."""
+        assert self.calibration is not None
+        grid, num_classes = self.calibration.grid, self.thresholds.numel()
+        regions, region_valid = batch[f"{prefix}regions"].float(), batch[f"{prefix}region_valid"]
+        expert_boxes, expert_labels = batch[f"{prefix}boxes"].float(), batch[f"{prefix}labels"]
+        detections = torch.zeros((len(grid), num_classes), dtype=torch.int64)
+        correct = torch.zeros_like(detections)
+        for i, pred in enumerate(preds):
+            boxes, scores = pred["boxes"].float(), pred["scores"].float()
+            kept = batched_nms(boxes, scores, torch.zeros_like(pred["labels"]), self.nms_iou)
+            n = int(kept.numel())
+            inside = points_in_boxes(
+                box_centres(boxes[kept]), regions[i].expand(n, -1, -1), region_valid[i].expand(n, -1)
+            )
+            kept = kept[inside]
+            real = expert_labels[i] != IGNORE_INDEX
+            counts = threshold_counts(
+                {"boxes": boxes[kept], "scores": scores[kept], "labels": pred["labels"][kept]},
+                {"boxes": expert_boxes[i][real], "labels": expert_labels[i][real]},
+                grid,
+                num_classes,
+            )
+            detections += counts["detections"]
+            correct += counts["correct"]
+        trainer = pl_module._trainer
+        if trainer is not None and trainer.world_size > 1:
+            both = trainer.strategy.reduce(
+                torch.stack([detections, correct]).to(pl_module.device), reduce_op="sum"
+            )
+            detections, correct = both[0], both[1]
+        self.calibration.update(detections, correct)
+        self.thresholds = self.calibration.thresholds(self._set_thresholds)
 
     def select_and_append(
         self, batch: dict[str, Any], preds: list[dict[str, Tensor]], prefix: str

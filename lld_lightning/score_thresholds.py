@@ -14,6 +14,14 @@ validation split of a fully annotated set made sparse with ``data.sparse_simulat
     python -m lld_lightning.score_thresholds --ckpt_path runs/x/checkpoints/best.ckpt \\
         --config configs/txl.yaml --data.image_size 256
 
+``--split train`` measures on the training images, where the pseudo-labeller works. Their
+labelled rectangles are what a real sparse set offers to calibrate a threshold on; under
+``data.sparse_simulation`` the hidden full annotation also scores the detections outside the
+rectangles (the pseudo-labels' real precision), so the two can be compared::
+
+    python -m lld_lightning.score_thresholds --ckpt_path runs/x/checkpoints/last.ckpt --teacher \\
+        --split train --config configs/txl.yaml --data.image_size 256 --data.sparse_simulation 0.2
+
 Everything that is not one of this command's own flags goes to `lld` (``--config``, ``--data.*``)
 and only builds the data; the model comes from the checkpoint.
 """
@@ -32,63 +40,49 @@ from rich.table import Table
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from lld_lightning.calibration import suggest, threshold_counts
 from lld_lightning.data.sample import unbatch_targets
-from lld_lightning.metrics.matching import UNMATCHED, match_detections
+from lld_lightning.data.transforms import transform_boxes
 from lld_lightning.module import LldModule, keep_inside_regions
-from lld_lightning.pseudo import MATCH_IOU
+from lld_lightning.pseudo import box_centres, points_in_boxes
 
 #: Score thresholds measured unless ``--thresholds`` says otherwise.
 THRESHOLDS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
+__all__ = ["THRESHOLDS", "main", "measure", "outside_regions", "suggest", "threshold_counts"]
 
-def threshold_counts(
-    pred: dict[str, Tensor], target: dict[str, Tensor], thresholds: list[float], num_classes: int
-) -> dict[str, Tensor]:
-    """One image's counts at every threshold and class.
+
+def outside_regions(
+    preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], batch: dict[str, Any]
+) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """The detections and the hidden cells whose centres lie outside every annotated region.
 
     Args:
-        pred: ``boxes [N, 4]``, ``scores [N]``, ``labels [N]`` detections.
-        target: ``boxes [M, 4]``, ``labels [M]`` the labelled cells.
-        thresholds: ``T`` score thresholds (a detection counts when its score is >= one).
-        num_classes: ``C``.
+        preds: per image ``boxes``, ``scores``, ``labels`` in the batch's (letterboxed) frame.
+        targets: per image ``regions [R, 4]`` (`unbatch_targets`).
+        batch: carries the sparse simulation's full annotation, ``hidden_boxes [B, H, 4]`` in
+            original pixels and ``hidden_labels [B, H]`` (-1 = padding), and ``transform``.
 
     Returns:
-        int64 ``detections [T, C]`` (kept detections per class), ``correct [T, C]`` (those matched
-        one-to-one to a cell of their class at IoU >= `MATCH_IOU`) and ``cells [C]``.
+        Per image, the detections outside the regions and the hidden cells (``boxes`` in the
+        batch's frame, ``labels``) outside them: what a pseudo-label there should find.
     """
-    # Greedy matching visits detections by descending score, so the matches among the detections
-    # at or above a threshold are those of one matching over all of them: match once per class,
-    # then count by threshold.
-    levels = torch.tensor(thresholds, dtype=torch.float32)[:, None]  # [T, 1]
-    detections = torch.zeros((len(thresholds), num_classes), dtype=torch.int64)
-    correct = torch.zeros_like(detections)
-    labels, gt_labels = pred["labels"].cpu(), target["labels"].cpu()
-    boxes, scores, gt_boxes = pred["boxes"].cpu().float(), pred["scores"].cpu().float(), target["boxes"].cpu()
-    for c in range(num_classes):
-        mine = labels == c
-        matched = match_detections(boxes[mine], scores[mine], gt_boxes[gt_labels == c], MATCH_IOU)
-        hit_scores = scores[mine][matched[matched != UNMATCHED]]
-        detections[:, c] = (scores[mine][None] >= levels).sum(dim=1)
-        correct[:, c] = (hit_scores[None] >= levels).sum(dim=1)
-    return {
-        "detections": detections,
-        "correct": correct,
-        "cells": torch.bincount(gt_labels, minlength=num_classes)[:num_classes],
-    }
+    hidden = transform_boxes(batch["hidden_boxes"].float(), batch["transform"].float())
+    kept_preds, cells = [], []
+    for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
+        regions = target["regions"].float()
+        real = batch["hidden_labels"][i] >= 0
+        boxes, labels = hidden[i][real], batch["hidden_labels"][i][real]
 
+        def outside(b: Tensor, regions: Tensor = regions) -> Tensor:
+            every = regions[None].expand(b.shape[0], -1, -1)
+            return ~points_in_boxes(box_centres(b), every, torch.ones(every.shape[:2], dtype=torch.bool,
+                                                                       device=b.device))
 
-def suggest(
-    precision: Tensor, detections: Tensor, thresholds: list[float], target: float, names: list[str]
-) -> dict[str, float]:
-    """Per class, the lowest threshold whose precision reaches ``target`` (classes without one
-    are left out). ``precision``/``detections``: ``[T, C]``, thresholds ascending."""
-    chosen = {}
-    for c, name in enumerate(names):
-        for t, threshold in enumerate(thresholds):
-            if detections[t, c] > 0 and precision[t, c] >= target:
-                chosen[name] = threshold
-                break
-    return chosen
+        kept_preds.append({k: v[outside(pred["boxes"].float())] for k, v in pred.items()})
+        away = outside(boxes)
+        cells.append({"boxes": boxes[away], "labels": labels[away]})
+    return kept_preds, cells
 
 
 def measure(
@@ -100,13 +94,19 @@ def measure(
     device: str = "cpu",
 ) -> dict[str, Tensor]:
     """Summed `threshold_counts` of ``model`` over ``loader`` (batches go through ``prepare``,
-    e.g. the data module's `on_after_batch_transfer`, for the evaluation letterbox)."""
+    e.g. the data module's `on_after_batch_transfer`, for the evaluation letterbox).
+
+    Inside the annotated regions the labelled cells score the detections (``detections``,
+    ``correct``, ``cells``). Batches that carry the sparse simulation's hidden full annotation
+    also score the detections outside the regions against the hidden cells there
+    (``outside_detections``, ``outside_correct``, ``outside_cells``)."""
     num_classes = int(model.hparams.num_classes)
-    totals = {
-        "detections": torch.zeros((len(thresholds), num_classes), dtype=torch.int64),
-        "correct": torch.zeros((len(thresholds), num_classes), dtype=torch.int64),
-        "cells": torch.zeros(num_classes, dtype=torch.int64),
-    }
+    totals: dict[str, Tensor] = {}
+
+    def add(counts: dict[str, Tensor], prefix: str = "") -> None:
+        for key, value in counts.items():
+            totals[prefix + key] = totals.get(prefix + key, torch.zeros_like(value)) + value
+
     model = model.to(device).eval()
     detector = model.detector
     with torch.no_grad():
@@ -129,8 +129,12 @@ def measure(
             ]
             targets = unbatch_targets(batch)
             for pred, target in zip(keep_inside_regions(preds, targets), targets, strict=True):
-                for key, value in threshold_counts(pred, target, thresholds, num_classes).items():
-                    totals[key] += value
+                add(threshold_counts(pred, target, thresholds, num_classes))
+            if "hidden_boxes" in batch:
+                for pred, cells in zip(*outside_regions(preds, targets, batch), strict=True):
+                    add(threshold_counts(pred, cells, thresholds, num_classes), "outside_")
+    if not totals:
+        raise ValueError("no images to measure")
     return totals
 
 
@@ -149,19 +153,43 @@ def load_teacher(model: LldModule, ckpt_path: str) -> None:
     )
 
 
-def render(report: dict[str, Any]) -> Table:
-    """Rich table: one row per threshold, precision / recall (detections) per class."""
+def counts_report(
+    totals: dict[str, Tensor], thresholds: list[float], target: float, names: list[str], prefix: str = ""
+) -> dict[str, Any]:
+    """Counts, precision, recall and suggested thresholds from `measure`'s ``prefix`` totals."""
+    detections, correct = totals[prefix + "detections"], totals[prefix + "correct"]
+    cells = totals[prefix + "cells"]
+    precision = correct / detections.clamp(min=1)
+    return {
+        "cells": cells.tolist(),
+        "cells_total": int(cells.sum()),
+        "detections": detections.tolist(),
+        "correct": correct.tolist(),
+        "precision": precision.tolist(),
+        "recall": (correct / cells.clamp(min=1)).tolist(),
+        "suggested": suggest(precision, detections, thresholds, target, names),
+    }
+
+
+def render(report: dict[str, Any], section: str | None = None) -> Table:
+    """Rich table: one row per threshold, precision / recall (detections) per class; the labelled
+    regions' numbers, or those of ``report[section]`` (``"outside"``)."""
+    counts = report if section is None else report[section]
+    where = (
+        f"{counts['cells_total']} labelled cells" if section is None
+        else f"outside the labelled regions, {counts['cells_total']} hidden cells"
+    )
     table = Table(title=f"{report['model']}: precision / recall (detections) per class, "
-                  f"{report['split']} split, {report['cells_total']} labelled cells")
+                  f"{report['split']} split, {where}")
     table.add_column("score >=", justify="right")
-    for name, cells in zip(report["classes"], report["cells"], strict=True):
+    for name, cells in zip(report["classes"], counts["cells"], strict=True):
         table.add_column(f"{name} ({cells} cells)", justify="right")
     for t, threshold in enumerate(report["thresholds"]):
         table.add_row(
             f"{threshold:.2f}",
             *(
-                f"{report['precision'][t][c]:.3f} / {report['recall'][t][c]:.3f} "
-                f"({report['detections'][t][c]})"
+                f"{counts['precision'][t][c]:.3f} / {counts['recall'][t][c]:.3f} "
+                f"({counts['detections'][t][c]})"
                 for c in range(len(report["classes"]))
             ),
         )
@@ -175,7 +203,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         epilog="Other arguments (--config, --data.*) build the data as for `lld`.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of the model to measure")
-    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument(
+        "--split", choices=["val", "test", "train"], default="val",
+        help="train: the training images (with data.sparse_simulation also outside the regions)",
+    )
     parser.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
     parser.add_argument(
         "--precision", type=float, default=0.9,
@@ -206,8 +237,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         LldModule, LldDataModule, args=[*lld_args, "--trainer.logger", "false"], run=False
     )
     datamodule = cli.datamodule
-    datamodule.setup("fit" if args.split == "val" else "test")
-    loader = datamodule.val_dataloader() if args.split == "val" else datamodule.test_dataloader()
+    datamodule.setup("test" if args.split == "test" else "fit")
+    loader = {
+        "val": datamodule.val_dataloader,
+        "test": datamodule.test_dataloader,
+        "train": lambda: datamodule.train_dataloader(shuffle=False),
+    }[args.split]()
     model = LldModule.load_from_checkpoint(args.ckpt_path, map_location="cpu")
     if args.teacher:
         load_teacher(model, args.ckpt_path)
@@ -220,9 +255,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, loader, lambda b: datamodule.on_after_batch_transfer(b, 0), thresholds,
         args.nms_iou, args.device,
     )
-    detections, correct, cells = totals["detections"], totals["correct"], totals["cells"]
-    precision = correct / detections.clamp(min=1)
-    recall = correct / cells.clamp(min=1)
     names = list(model.class_names)
     report = {
         "checkpoint": args.ckpt_path,
@@ -230,23 +262,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "split": args.split,
         "thresholds": thresholds,
         "classes": names,
-        "cells": cells.tolist(),
-        "cells_total": int(cells.sum()),
-        "detections": detections.tolist(),
-        "correct": correct.tolist(),
-        "precision": precision.tolist(),
-        "recall": recall.tolist(),
         "target_precision": args.precision,
-        "suggested": suggest(precision, detections, thresholds, args.precision, names),
+        **counts_report(totals, thresholds, args.precision, names),
     }
+    if "outside_cells" in totals:
+        report["outside"] = counts_report(totals, thresholds, args.precision, names, "outside_")
     console = Console()
     console.print(render(report))
+    if "outside" in report:
+        console.print(render(report, "outside"))
     missing = [name for name in names if name not in report["suggested"]]
     console.print(
         f"PseudoLabeller class_thresholds at precision >= {args.precision}: "
         + json.dumps(report["suggested"])
         + (f" (no listed threshold reaches it for {', '.join(missing)})" if missing else "")
     )
+    if "outside" in report:
+        console.print(
+            "The same from the hidden annotation outside the regions (simulation only): "
+            + json.dumps(report["outside"]["suggested"])
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report

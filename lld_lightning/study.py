@@ -180,6 +180,8 @@ def run_config(
             init_args["localise"] = False
         if pseudo_mode.startswith("teacher") and args.pseudo_attribute_threshold is not None:
             init_args["attribute_threshold"] = args.pseudo_attribute_threshold
+        if pseudo_mode.startswith("teacher") and args.pseudo_calibrate is not None:
+            init_args["calibrate_precision"] = args.pseudo_calibrate
         callbacks.append(
             {"class_path": "lld_lightning.pseudo.PseudoLabeller", "init_args": init_args}
         )
@@ -377,6 +379,12 @@ def render(
             f"; pseudo-label attributes copied at probability >= {args.pseudo_attribute_threshold}"
             + (" (none)" if args.pseudo_attribute_threshold > 1 else "")
             if args.pseudo_attribute_threshold is not None
+            else ""
+        )
+        + (
+            f"; teacher thresholds per class calibrated to precision {args.pseudo_calibrate} "
+            "inside the labelled regions (from the threshold above)"
+            if args.pseudo_calibrate is not None
             else ""
         )
         + (
@@ -610,6 +618,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(PseudoLabeller attribute_threshold, default 0.7; above 1 copies none)",
     )
     parser.add_argument(
+        "--pseudo-calibrate",
+        type=float,
+        metavar="PRECISION",
+        help="teacher rows: per-class thresholds follow the teacher's precision inside the "
+        "labelled regions (PseudoLabeller calibrate_precision); --threshold is the start",
+    )
+    parser.add_argument(
         "--roi-readout",
         action="store_true",
         help="class and attributes from the region read-out (LldModule roi_readout)",
@@ -653,7 +668,7 @@ SHARED_SETTINGS = (
 #: Settings that JSONs with pseudo-label rows must share when merged.
 PSEUDO_SETTINGS = (
     "threshold", "pseudo_weight", "pseudo_warmup", "ema_decay", "background_threshold",
-    "pseudo_class_only", "pseudo_attribute_threshold",
+    "pseudo_class_only", "pseudo_attribute_threshold", "pseudo_calibrate",
 )
 PSEUDO_ROWS = frozenset(name for name, _, pseudo_mode, _ in ROWS if pseudo_mode is not None)
 

@@ -243,3 +243,23 @@ def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkey
     assert "PseudoLabeller class_thresholds" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no checkpoint at"):
         score_thresholds(["--ckpt_path", str(fitted / "missing.ckpt"), *_args(fitted)])
+
+
+def test_score_thresholds_on_the_training_images_inside_and_outside_the_regions(
+    fitted: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from lld_lightning.score_thresholds import main as score_thresholds
+
+    monkeypatch.chdir(fitted)
+    args = ["--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--split", "train",
+            "--thresholds", "0.0", "--precision", "0.0", *_args(fitted)]
+    whole = score_thresholds([*args, "--data.sparse_simulation", "1.0"])
+    assert sum(whole["outside"]["detections"][0]) == 0 and whole["outside"]["cells_total"] == 0
+    sparse = score_thresholds([*args, "--data.sparse_simulation", "0.3"])
+    inside, outside = sparse, sparse["outside"]
+    # One rectangle splits the same detections and cells that the whole image holds (a cell cut
+    # by the rectangle's edge may be in neither: not labelled, and its centre inside).
+    assert 0 < inside["cells_total"] and 0 < outside["cells_total"]
+    assert inside["cells_total"] + outside["cells_total"] <= whole["cells_total"]
+    assert sum(inside["detections"][0]) + sum(outside["detections"][0]) == sum(whole["detections"][0])
+    assert "outside the labelled regions" in " ".join(capsys.readouterr().out.split())

@@ -51,6 +51,12 @@ def test_plan_has_every_row_and_the_extra_fraction_once() -> None:
     assert teacher["init_args"]["attribute_threshold"] == 1.01
     reference = study.run_config(args, Path("run"), "self", 240)["trainer"]["callbacks"][-1]
     assert "attribute_threshold" not in reference["init_args"]
+    assert "calibrate_precision" not in teacher["init_args"]
+    args = study.parse_args(["--datasets", "synthetic", "--pseudo-calibrate", "0.95"])
+    teacher = study.run_config(args, Path("run"), "teacher-norm", 240)["trainer"]["callbacks"][-1]
+    assert teacher["init_args"]["calibrate_precision"] == 0.95
+    reference = study.run_config(args, Path("run"), "self", 240)["trainer"]["callbacks"][-1]
+    assert "calibrate_precision" not in reference["init_args"]  # self-training has no teacher
 
 
 def test_findings_compare_rows() -> None:

@@ -269,9 +269,11 @@ class LldDataModule(L.LightningDataModule):
             drop_last=shuffle and len(dataset) > h.batch_size,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, shuffle: bool = True) -> DataLoader:
+        """The training images; ``shuffle=False`` reads each once, in order, with no batch
+        dropped (for measuring a model on them)."""
         assert self.train_set is not None, "call setup('fit') first"
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=shuffle)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup('fit') first"
