@@ -31,7 +31,12 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import batched_nms
 
-from lld_lightning.calibration import CALIBRATION_GRID, RegionCalibration, threshold_counts
+from lld_lightning.calibration import (
+    CALIBRATION_GRID,
+    RegionCalibration,
+    one_class_per_cell,
+    region_counts,
+)
 from lld_lightning.constants import IGNORE_INDEX, MATCH_IOU
 from lld_lightning.data.transforms import clip_boxes, content_boxes, invert_boxes, transform_boxes
 
@@ -234,6 +239,7 @@ class PseudoLabeller(Callback):
         self.calibration_memory = calibration_memory
         self.calibration_min_detections = calibration_min_detections
         self.calibration: RegionCalibration | None = None
+        self._pending_calibration: dict[str, Any] | None = None
         if background_threshold is not None and (
             mode != "teacher" or not 0.0 <= background_threshold <= 1.0
         ):
@@ -293,13 +299,13 @@ class PseudoLabeller(Callback):
         self.class_names = names
         self._set_thresholds = self.thresholds.clone()  # what calibration falls back to
         if self.calibrate_precision is not None:
-            state = self.calibration.state_dict() if self.calibration is not None else None
             self.calibration = RegionCalibration(
                 self.thresholds.numel(), self.calibrate_precision, CALIBRATION_GRID,
                 self.calibration_memory, self.calibration_min_detections,
             )
-            if state is not None:  # restored from a checkpoint before the fit started
-                self.calibration.load_state_dict(state)
+            if self._pending_calibration is not None:  # restored before the fit started
+                self.calibration.load_state_dict(self._pending_calibration)
+                self._pending_calibration = None
                 self.thresholds = self.calibration.thresholds(self._set_thresholds)
         self._last_step = trainer.global_step
         if self.mode == "teacher":
@@ -328,9 +334,7 @@ class PseudoLabeller(Callback):
         # Lightning restores callbacks before `on_fit_start` builds the teacher: apply it there.
         self.totals.update(state_dict.get("totals", {}))
         if "calibration" in state_dict and self.calibrate_precision is not None:
-            if self.calibration is None:  # built in `on_fit_start`, which then applies it
-                self.calibration = RegionCalibration(state_dict["calibration"]["detections"].shape[1])
-            self.calibration.load_state_dict(state_dict["calibration"])
+            self._pending_calibration = state_dict["calibration"]  # `on_fit_start` applies it
         if "teacher" in state_dict:
             if self.teacher is not None:
                 self.teacher.load_state_dict(state_dict["teacher"])
@@ -487,28 +491,17 @@ class PseudoLabeller(Callback):
         the pseudo-labels get) against the expert cells, update `RegionCalibration` (summed over
         DDP ranks, so every rank keeps the same thresholds) and set ``self.thresholds``."""
         assert self.calibration is not None
-        grid, num_classes = self.calibration.grid, self.thresholds.numel()
-        regions, region_valid = batch[f"{prefix}regions"].float(), batch[f"{prefix}region_valid"]
-        expert_boxes, expert_labels = batch[f"{prefix}boxes"].float(), batch[f"{prefix}labels"]
-        detections = torch.zeros((len(grid), num_classes), dtype=torch.int64)
-        correct = torch.zeros_like(detections)
-        for i, pred in enumerate(preds):
-            boxes, scores = pred["boxes"].float(), pred["scores"].float()
-            kept = batched_nms(boxes, scores, torch.zeros_like(pred["labels"]), self.nms_iou)
-            n = int(kept.numel())
-            inside = points_in_boxes(
-                box_centres(boxes[kept]), regions[i].expand(n, -1, -1), region_valid[i].expand(n, -1)
-            )
-            kept = kept[inside]
-            real = expert_labels[i] != IGNORE_INDEX
-            counts = threshold_counts(
-                {"boxes": boxes[kept], "scores": scores[kept], "labels": pred["labels"][kept]},
-                {"boxes": expert_boxes[i][real], "labels": expert_labels[i][real]},
-                grid,
-                num_classes,
-            )
-            detections += counts["detections"]
-            correct += counts["correct"]
+        labels, real = batch[f"{prefix}labels"], batch[f"{prefix}labels"] != IGNORE_INDEX
+        targets = [
+            {"boxes": batch[f"{prefix}boxes"][i][real[i]].float(), "labels": labels[i][real[i]],
+             "regions": batch[f"{prefix}regions"][i][batch[f"{prefix}region_valid"][i]].float()}
+            for i in range(len(preds))
+        ]
+        counts = region_counts(
+            one_class_per_cell(preds, self.nms_iou), targets, self.calibration.grid,
+            self.thresholds.numel(),
+        )
+        detections, correct = counts["detections"], counts["correct"]
         trainer = pl_module._trainer
         if trainer is not None and trainer.world_size > 1:
             both = trainer.strategy.reduce(

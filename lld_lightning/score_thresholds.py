@@ -38,12 +38,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 from torch import Tensor
-from torchvision.ops import batched_nms
 
-from lld_lightning.calibration import suggest, threshold_counts
+from lld_lightning.calibration import one_class_per_cell, region_counts, suggest, threshold_counts
 from lld_lightning.data.sample import unbatch_targets
 from lld_lightning.data.transforms import transform_boxes
-from lld_lightning.module import LldModule, keep_inside_regions
+from lld_lightning.module import LldModule
 from lld_lightning.pseudo import box_centres, points_in_boxes
 
 #: Score thresholds measured unless ``--thresholds`` says otherwise.
@@ -121,15 +120,9 @@ def measure(
                 max_detections=int(model.hparams.max_detections),
                 image_size=tuple(images.shape[-2:]),
             )
-            # One class per cell, as the pseudo-labeller keeps them.
-            preds = [
-                {k: v[batched_nms(p["boxes"].float(), p["scores"].float(),
-                                  torch.zeros_like(p["labels"]), nms_iou)] for k, v in p.items()}
-                for p in preds
-            ]
+            preds = one_class_per_cell(preds, nms_iou)  # as the pseudo-labeller keeps them
             targets = unbatch_targets(batch)
-            for pred, target in zip(keep_inside_regions(preds, targets), targets, strict=True):
-                add(threshold_counts(pred, target, thresholds, num_classes))
+            add(region_counts(preds, targets, thresholds, num_classes))
             if "hidden_boxes" in batch:
                 for pred, cells in zip(*outside_regions(preds, targets, batch), strict=True):
                     add(threshold_counts(pred, cells, thresholds, num_classes), "outside_")

@@ -94,3 +94,31 @@ def test_the_labeller_scores_the_teacher_inside_the_regions_only() -> None:
     restored.load_state_dict(state)
     restored.on_fit_start(SimpleNamespace(global_step=0), module)
     assert restored.thresholds.tolist() == pytest.approx([0.6, 0.4, 0.6])
+
+
+def test_region_counts_of_a_batch_equal_the_images_counted_one_by_one() -> None:
+    """One matching over the batch (boxes shifted apart per image) gives the per-image counts,
+    also where two images have a cell at the same place and only one image's detection hits it."""
+    from lld_lightning.calibration import region_counts, threshold_counts
+
+    region = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+    targets = [
+        {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0]]), "labels": torch.tensor([0]), "regions": region},
+        {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1]),
+         "regions": region},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "regions": region},
+    ]
+    preds = [
+        {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [50, 50, 60, 60]]), "scores": torch.tensor([0.9, 0.8]),
+         "labels": torch.tensor([0, 0])},  # a hit, and one outside the region (not counted)
+        {"boxes": torch.tensor([[20.0, 20.0, 30.0, 30.0], [3, 3, 12, 12]]), "scores": torch.tensor([0.4, 0.7]),
+         "labels": torch.tensor([1, 1])},  # a hit; the wrong class on the other cell
+        {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0]]), "scores": torch.tensor([0.95]),
+         "labels": torch.tensor([0])},  # nothing labelled there: a false detection
+    ]
+    counts = region_counts(preds, targets, GRID, 2)
+    inside = [{k: v[:1] if i == 0 else v for k, v in p.items()} for i, p in enumerate(preds)]
+    one_by_one = [threshold_counts(p, t, GRID, 2) for p, t in zip(inside, targets, strict=True)]
+    for key in ("detections", "correct", "cells"):
+        assert torch.equal(counts[key], sum(c[key] for c in one_by_one))
+    assert counts["correct"][0].tolist() == [1, 1] and counts["detections"][0].tolist() == [2, 2]
