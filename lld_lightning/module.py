@@ -21,13 +21,17 @@ from lld_lightning.models import build_detector
 from lld_lightning.models.roi_head import training_rois
 
 #: The loss terms that are weighted and summed into the training loss.
-LOSS_TERMS: tuple[str, ...] = ("cls", "box", "quality", "attributes", "roi_cls", "roi_attributes")
+LOSS_TERMS: tuple[str, ...] = (
+    "cls", "box", "quality", "attributes", "roi_cls", "roi_attributes", "dfl"
+)
 #: The attribute term sums one cross-entropy per attribute (7 for LLD), so at weight 1 it dwarfs the
 #: class term and slowed class learning: 0.3 doubled val mAP@.5 after 525 steps on the synthetic
 #: sparse data at the same attribute F1 (docs/loss.md).
-#: The region read-out's terms (0 without one) follow the same rule.
+#: The region read-out's terms (0 without one) follow the same rule. The distribution focal loss
+#: (0 without ``box_bins``) takes GFL's weight beside its IoU loss at 2.
 DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
-    "cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3, "roi_cls": 1.0, "roi_attributes": 0.3
+    "cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3, "roi_cls": 1.0, "roi_attributes": 0.3,
+    "dfl": 0.25,
 }
 
 
@@ -79,10 +83,16 @@ class LldModule(L.LightningModule):
         loss_mode: ``masked`` ignores everything outside the annotated regions; ``naive`` treats
             it as background (the baseline).
         loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``,
-            ``roi_cls``, ``roi_attributes``); missing names keep `DEFAULT_LOSS_WEIGHTS`.
+            ``roi_cls``, ``roi_attributes``, ``dfl``); missing names keep `DEFAULT_LOSS_WEIGHTS`.
         box_loss: IoU loss for boxes (``giou``, ``diou`` or ``ciou``).
+        box_bins: 0 (default): the head predicts each box side's distance directly. ``n >= 2``:
+            a distribution over ``0 .. n - 1`` strides per side, trained by the extra
+            distribution focal loss term ``dfl`` (docs/model.md, "Box sides as distributions").
         cls_loss: ``focal`` (one-hot targets) or ``quality_focal`` (a positive's class target is
             its predicted box's IoU; `quality_focal_loss`).
+        assigner: which locations train as a cell's positives: ``fcos`` (a centre window on the
+            level its size fits) or ``task_aligned`` (the locations inside the cell whose current
+            prediction fits it best; `assign_task_aligned`). The sparse mask is the same.
         lr: AdamW learning rate of the neck and heads.
         backbone_lr_mult: the backbone's learning rate is ``lr * backbone_lr_mult``.
         weight_decay: AdamW weight decay (not applied to biases and norm parameters).
@@ -120,7 +130,9 @@ class LldModule(L.LightningModule):
         loss_mode: Literal["masked", "naive"] = "masked",
         loss_weights: dict[str, float] | None = None,
         box_loss: Literal["giou", "diou", "ciou"] = "giou",
+        box_bins: int = 0,
         cls_loss: Literal["focal", "quality_focal"] = "focal",
+        assigner: Literal["fcos", "task_aligned"] = "fcos",
         lr: float = 1e-3,
         backbone_lr_mult: float = 1.0,
         weight_decay: float = 1e-4,
@@ -167,6 +179,7 @@ class LldModule(L.LightningModule):
             roi_readout=roi_readout,
             roi_pixel_crop=roi_pixel_crop,
             roi_crop_classes=roi_crop_classes,
+            box_bins=box_bins,
         )
         if channels_last:
             self.detector = self.detector.to(memory_format=torch.channels_last)
@@ -174,7 +187,7 @@ class LldModule(L.LightningModule):
         self.__dict__["_compiled"] = torch.compile(self.detector) if compile else None
         self.criterion = SparseDetectionLoss(
             num_classes=num_classes, attribute_spec=attribute_spec, mode=loss_mode, box_loss=box_loss,
-            cls_loss=cls_loss,
+            cls_loss=cls_loss, assigner=assigner,
         )
         self.val_metrics: DomainMetrics | None = None
         self.test_metrics: DomainMetrics | None = None

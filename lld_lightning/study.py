@@ -86,6 +86,7 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, DatasetSpec]:
         # nor configs/txl.yaml's quality focal loss (added after all the study's tables)
         "model.cls_loss": args.cls_loss,
         "model.out_indices": args.out_indices,
+        "model.box_bins": args.box_bins,
         "model.ema_decay": args.weight_ema,
         "model.ema_ramp_steps": args.weight_ema_ramp,
     }
@@ -364,6 +365,11 @@ def render(
             if list(args.out_indices) != [2, 3, 4]
             else ""
         )
+        + (
+            f", box sides as distributions over {args.box_bins} distances (distribution focal loss)"
+            if args.box_bins
+            else ""
+        )
         + "; "
         f"validation {args.validations}x per run for the best checkpoint; pseudo-labels after "
         f"{args.pseudo_warmup:.0%} of the steps; teacher threshold {args.threshold}, weight "
@@ -579,6 +585,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out-indices", type=int, nargs="+", default=[2, 3, 4],
         help="backbone stages fed to the feature pyramid (1 adds a stride-4 level)",
     )
+    parser.add_argument(
+        "--box-bins", type=int, default=0,
+        help="box sides as distributions over this many distances, with the distribution "
+        "focal loss (LldModule box_bins; 0, the tables so far: direct distances)",
+    )
     parser.add_argument("--fpn-channels", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -663,7 +674,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 SHARED_SETTINGS = (
     "max_steps", "synthetic_steps", "txl_steps", "budget_minutes", "validations", "seed",
     "backbone", "fpn_channels", "batch_size", "synthetic_image_size", "txl_image_size",
-    "cls_loss", "roi_readout", "weight_ema", "weight_ema_ramp", "out_indices",
+    "cls_loss", "roi_readout", "weight_ema", "weight_ema_ramp", "out_indices", "box_bins",
 )
 #: Settings that JSONs with pseudo-label rows must share when merged.
 PSEUDO_SETTINGS = (

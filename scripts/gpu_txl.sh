@@ -47,7 +47,9 @@ if [[ " $PARTS " == *" txl "* ]]; then
   # default a minute; longer than the run: only the final one) and once at the end; test
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
-  # TimeBudget and checkpoint folder); "base16" reproduces the first 4-minute run (2026-11-26).
+  # TimeBudget and checkpoint folder; box_bins 17 comes from configs/txl.yaml, add
+  # "--model.box_bins 0" for the direct distances of the runs before 2026-11-27 noon); "base16"
+  # reproduces the first 4-minute run (2026-11-26).
   RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.fpn_channels 128 --model.head_convs 2 --model.backbone resnet34 --model.cls_loss quality_focal --trainer.benchmark true"}
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>/dev/null &
   smi=$!

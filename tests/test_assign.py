@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from lld_lightning.constants import BACKGROUND, IGNORE
-from lld_lightning.models.assign import assign_locations, default_size_ranges, inside_regions
+from lld_lightning.models.assign import (
+    assign_locations,
+    assign_task_aligned,
+    batched_pairwise_iou,
+    default_size_ranges,
+    inside_regions,
+)
 
 BG, IG = BACKGROUND, IGNORE  # short names for the hand-written expected vectors
 WHOLE_IMAGE = [0.0, 0.0, 32.0, 32.0]
@@ -229,3 +235,108 @@ def test_wrong_number_of_size_ranges_is_rejected() -> None:
             torch.zeros(1, 1, dtype=torch.bool),
             size_ranges=[(0, math.inf)],
         )
+
+
+# Task-aligned assignment. Cell [0,0,16,16] has five locations strictly inside it: the stride-8
+# locations 0, 1, 4, 5 and the stride-16 location 16.
+CELL = [0.0, 0.0, 16.0, 16.0]
+TINY = [0.0, 0.0, 1.0, 1.0]  # overlaps the cell by 1/256
+
+
+def aligned_one(
+    boxes: list[list[float]],
+    labels: list[int],
+    pred: dict[int, list[float]],
+    scores: dict[int, list[float]] | None = None,
+    regions: list[list[float]] | None = None,
+    valid: list[bool] | None = None,
+    **kwargs,
+) -> list[int]:
+    """Task-aligned assignment of one image; locations not in ``pred`` predict `TINY`, scores
+    default to 0.5 for every class."""
+    points, _ = toy_grid()
+    pred_boxes = torch.tensor([TINY] * 20)
+    for location, box in pred.items():
+        pred_boxes[location] = torch.tensor(box)
+    pred_scores = torch.full((20, 3), 0.5)
+    for location, row in (scores or {}).items():
+        pred_scores[location] = torch.tensor(row)
+    region_boxes = torch.tensor(regions or [WHOLE_IMAGE], dtype=torch.float32)[None]
+    matched = assign_task_aligned(
+        points,
+        torch.tensor(boxes, dtype=torch.float32).reshape(1, -1, 4),
+        torch.tensor(labels).reshape(1, -1),
+        torch.tensor(valid if valid is not None else [True] * len(boxes)).reshape(1, -1),
+        region_boxes,
+        torch.ones(region_boxes.shape[:2], dtype=torch.bool),
+        pred_boxes[None],
+        pred_scores[None],
+        **kwargs,
+    )
+    assert matched.shape == (1, 20) and matched.dtype == torch.int64
+    return matched[0].tolist()
+
+
+def test_batched_pairwise_iou_matches_torchvision() -> None:
+    from torchvision.ops import box_iou
+
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(2, 7, 2, generator=generator) * 20
+    boxes1 = torch.cat([corner, corner + torch.rand(2, 7, 2, generator=generator) * 10], -1)
+    boxes2 = boxes1[:, :3].flip(1) + 1.5
+    expected = torch.stack([box_iou(boxes1[b], boxes2[b]) for b in range(2)])
+    torch.testing.assert_close(batched_pairwise_iou(boxes1, boxes2), expected)
+
+
+def test_task_aligned_takes_the_best_fitting_candidates() -> None:
+    # 16 predicts the cell exactly (IoU 1), 5 predicts [2,2,14,14] (IoU 0.5625), the rest TINY.
+    pred = {16: CELL, 5: [2.0, 2.0, 14.0, 14.0]}
+    expected = [BG] * 20
+    expected[5] = expected[16] = 0
+    assert aligned_one([CELL], [1], pred, top_k=2) == expected
+    # With room for every candidate all five inside the cell are positive, and only they.
+    every = aligned_one([CELL], [1], pred, top_k=13)
+    assert [i for i, m in enumerate(every) if m == 0] == [0, 1, 4, 5, 16]
+
+
+def test_task_aligned_reads_the_score_of_the_cells_class() -> None:
+    # 0 and 5 fit equally well; 0 scores its class (1) higher, while 5 scores another class higher.
+    same = [2.0, 2.0, 14.0, 14.0]
+    scores = {0: [0.1, 0.9, 0.1], 5: [0.9, 0.2, 0.9]}
+    matched = aligned_one([CELL], [1], {0: same, 5: same}, scores, top_k=1)
+    assert [i for i, m in enumerate(matched) if m == 0] == [0]
+
+
+def test_task_aligned_conflict_goes_to_the_larger_overlap() -> None:
+    # Cell 1 [8,8,24,24] also contains location 5 (12, 12), whose box fits cell 1 better.
+    other = [8.0, 8.0, 24.0, 24.0]
+    matched = aligned_one([CELL, other], [0, 2], {5: [7.0, 7.0, 23.0, 23.0]}, top_k=1)
+    assert matched[5] == 1
+
+
+def test_task_aligned_keeps_the_sparse_mask() -> None:
+    # Region [0,0,16,16]: locations outside it are IGNORE unless positive; padding never matches.
+    outside_cell = [16.0, 16.0, 32.0, 32.0]
+    matched = aligned_one(
+        [CELL, outside_cell, CELL], [1, 0, 2], {}, regions=[[0.0, 0.0, 16.0, 16.0]],
+        valid=[True, True, False], top_k=13,
+    )
+    assert [i for i, m in enumerate(matched) if m == 0] == [0, 1, 4, 5, 16]
+    # The labelled cell outside the region trains its inside locations 10, 11, 14, 15 and 19;
+    # everything else outside the region is IGNORE, nothing is BACKGROUND (all inside is taken).
+    assert [i for i, m in enumerate(matched) if m == 1] == [10, 11, 14, 15, 19]
+    assert all(m == IG for i, m in enumerate(matched) if m not in (0, 1))
+    assert 2 not in matched
+    with pytest.raises(ValueError, match="top_k"):
+        aligned_one([CELL], [1], {}, top_k=0)
+
+
+def test_task_aligned_without_cells() -> None:
+    points, _ = toy_grid()
+    matched = assign_task_aligned(
+        points, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.int64),
+        torch.zeros(2, 0, dtype=torch.bool), torch.tensor([[WHOLE_IMAGE], [[0.0, 0.0, 8.0, 8.0]]]),
+        torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 20, 4), torch.zeros(2, 20, 3),
+    )
+    assert (matched[0] == BG).all()
+    assert matched[1].tolist() == [BG] + [IG] * 19

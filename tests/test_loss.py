@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
 from lld_lightning.losses import SparseDetectionLoss
-from lld_lightning.losses.sparse_loss import quality_focal_loss
+from lld_lightning.losses.sparse_loss import distribution_focal_loss, quality_focal_loss
 from lld_lightning.models.assign import assign_locations
 
 NUM_CLASSES = 3
@@ -464,3 +464,104 @@ def test_supervised_fraction_counts_locations_with_a_classification_loss() -> No
     ignored = SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), whole)
     assert ignored["supervised_fraction"].item() == pytest.approx(19 / 20)
     assert not ignored["supervised_fraction"].requires_grad
+
+
+def test_distribution_focal_loss_hand_computed() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5]] * 4)
+    log_p = torch.log_softmax(logits[0], dim=0)
+    targets = torch.tensor([1.25, 3.0, 7.0, -1.0])
+    loss = distribution_focal_loss(logits, targets)
+    # 1.25 sits between bins 1 and 2 with weights 0.75 / 0.25; 3.0 is the top bin (all mass on
+    # it); 7.0 and -1.0 are clamped to the top and the bottom bin.
+    expected = torch.stack(
+        [-(0.75 * log_p[1] + 0.25 * log_p[2]), -log_p[3], -log_p[3], -log_p[0]]
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_distribution_focal_loss_is_stationary_at_the_two_bin_mixture() -> None:
+    # The cross-entropy to the mixture 0.6 / 0.4 of bins 2 and 3 has zero gradient exactly when
+    # the distribution is that mixture (softmax - target = 0); its expectation is then 2.4.
+    mixture = torch.tensor([1e-12, 1e-12, 0.6, 0.4, 1e-12])
+    logits = mixture.log()[None].requires_grad_()
+    loss = distribution_focal_loss(logits, torch.tensor([2.4]))
+    loss.sum().backward()
+    assert logits.grad.abs().max() < 1e-6
+    assert float((logits.detach().softmax(-1) * torch.arange(5.0)).sum()) == pytest.approx(2.4, abs=1e-6)
+    moved = distribution_focal_loss(torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]), torch.tensor([2.4]))
+    assert float(moved) > float(loss.detach())
+
+
+def distribution_outputs(num_bins: int = 6, seed: int = 3) -> tuple[dict, dict]:
+    """`single_cell_outputs` with random side distributions whose expectation is the box."""
+    outputs, targets = single_cell_outputs()
+    generator = torch.Generator().manual_seed(seed)
+    num_points = outputs["points"].shape[0]
+    outputs["box_distribution"] = torch.randn(
+        1, num_points, 4, num_bins, generator=generator
+    ).requires_grad_()
+    return outputs, targets
+
+
+def test_dfl_term_hand_computed_and_only_at_positives() -> None:
+    outputs, targets = distribution_outputs()
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC)
+    terms = loss(outputs, targets)
+    # Cell [0,0,16,16]; its positives are the stride-8 locations 0, 1, 4, 5 at (4|12, 4|12).
+    points, strides = toy_grid()
+    expected = 0.0
+    for location in CELL0_LOCATIONS:
+        x, y = points[location].tolist()
+        sides = torch.tensor([x - 0, y - 0, 16 - x, 16 - y]) / strides[location]
+        expected += float(
+            distribution_focal_loss(outputs["box_distribution"][0, location].detach(), sides).mean()
+        )
+    assert terms["dfl"].item() == pytest.approx(expected / 4, rel=1e-6)
+    grad = torch.autograd.grad(terms["dfl"], outputs["box_distribution"])[0]
+    touched = grad.abs().flatten(2).sum(dim=2)[0] > 0
+    assert touched.nonzero()[:, 0].tolist() == CELL0_LOCATIONS
+    # Without a distribution the term is exactly 0 and every other term is unchanged.
+    plain = loss({k: v for k, v in outputs.items() if k != "box_distribution"}, targets)
+    assert plain["dfl"].item() == 0.0
+    for key in ("cls", "box", "quality", "attributes"):
+        assert torch.equal(plain[key], terms[key]), key
+
+
+def test_dfl_term_follows_the_box_weights() -> None:
+    outputs, targets = distribution_outputs()
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC)
+    targets["box_weights"] = torch.tensor([[0.0]])
+    assert loss(outputs, targets)["dfl"].item() == 0.0
+    targets["box_weights"] = torch.tensor([[0.5]])
+    half = loss(outputs, targets)["dfl"].item()
+    del targets["box_weights"]
+    assert half == pytest.approx(0.5 * loss(outputs, targets)["dfl"].item(), rel=1e-6)
+
+
+def test_task_aligned_outside_the_known_field_changes_nothing() -> None:
+    # The task-aligned assigner reads predictions inside the labelled cells only: locations
+    # outside the region [0,0,16,16] and outside both cells' boxes are unknown to it as well.
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss="quality_focal", assigner="task_aligned")
+    targets = two_cell_targets()
+    points, _ = toy_grid()
+    in_a_cell = torch.zeros(20, dtype=torch.bool)
+    for box in TWO_CELLS:
+        x, y = points[:, 0], points[:, 1]
+        in_a_cell |= (x > box[0]) & (x < box[2]) & (y > box[1]) & (y < box[3])
+    unknown = (matched_for(targets) == IGNORE) & ~in_a_cell  # [1, P]
+    assert unknown.sum() == 11  # the 12 FCOS-ignored locations but 19, inside cell 1
+
+    outputs = make_outputs()
+    terms, grads = gradients(loss, outputs, targets)
+    other_terms, other_grads = gradients(loss, perturbed(outputs, unknown), targets)
+    for key in (*TERMS, "num_foreground"):
+        assert torch.equal(terms[key], other_terms[key]), key
+    for name, grad in grads.items():
+        assert torch.equal(grad[~unknown], other_grads[name][~unknown]), name
+        assert (grad[unknown] == 0).all(), name
+    # ...while the predictions inside a cell do decide which locations are positive.
+    inside = torch.zeros(1, 20, dtype=torch.bool)
+    inside[0, CELL1_LOCATIONS] = True
+    assert not torch.equal(loss(perturbed(outputs, inside), targets)["box"], terms["box"])
+    with pytest.raises(ValueError, match="assigner"):
+        SparseDetectionLoss(NUM_CLASSES, SPEC, assigner="atss")

@@ -191,7 +191,8 @@ def test_neck_extra_levels(extra_levels: str, strides: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"extra_levels": "p6p7", "attribute_convs": 1, "head_norm": "batch"}]
+    "options",
+    [{}, {"extra_levels": "p6p7", "attribute_convs": 1, "head_norm": "batch"}, {"box_bins": 9}],
 )
 def test_every_parameter_receives_a_gradient(options: dict) -> None:
     torch.manual_seed(0)
@@ -206,6 +207,25 @@ def test_every_parameter_receives_a_gradient(options: dict) -> None:
         name for name, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)
     ]
     assert not missing
+
+
+def test_box_distribution_expectation_is_the_distance() -> None:
+    torch.manual_seed(0)
+    model = build_detector("test_resnet", 4, {"a": 3}, fpn_channels=16, box_bins=9).eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(2, 3, 64, 96))
+    num_points = outputs["points"].shape[0]
+    distribution = outputs["box_distribution"]
+    assert distribution.shape == (2, num_points, 4, 9) and distribution.dtype == torch.float32
+    expected = (distribution.softmax(dim=-1) * torch.arange(9.0)).sum(dim=-1)
+    torch.testing.assert_close(outputs["box_deltas"], expected)
+    assert outputs["box_deltas"].min() >= 0 and outputs["box_deltas"].max() <= 8
+    # The direct head has no distribution and keeps its per-level scales.
+    direct = build_detector("test_resnet", 4, {"a": 3}, fpn_channels=16)
+    assert "box_distribution" not in direct(torch.rand(1, 3, 64, 64))
+    assert direct.head.scales is not None and model.head.scales is None
+    with pytest.raises(ValueError, match="box_bins"):
+        DenseHead(16, 4, {"a": 3}, box_bins=1)
 
 
 def test_channels_last_matches_contiguous() -> None:

@@ -35,13 +35,23 @@ def test_loss_weights_and_validation() -> None:
     module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1,
                        loss_weights={"attributes": 0.5})
     terms = {name: torch.tensor(1.0) for name in LOSS_TERMS}
-    # defaults cls 1, box 2, quality 1, attributes overridden, roi_cls 1, roi_attributes 0.3
-    expected = 1.0 + 2.0 + 1.0 + 0.5 + 1.0 + 0.3
+    # defaults cls 1, box 2, quality 1, attributes overridden, roi_cls 1, roi_attributes 0.3,
+    # dfl 0.25
+    expected = 1.0 + 2.0 + 1.0 + 0.5 + 1.0 + 0.3 + 0.25
     assert float(module.weighted_loss(terms)) == pytest.approx(expected)
     with pytest.raises(ValueError, match="unknown loss terms"):
         LldModule(backbone="test_resnet", loss_weights={"clss": 1.0})
     with pytest.raises(ValueError, match="class names"):
         LldModule(backbone="test_resnet", num_classes=3, class_names=["a", "b"])
+
+
+def test_box_bins_and_assigner_are_hyperparameters_that_rebuild_the_model() -> None:
+    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1, box_bins=9,
+                       assigner="task_aligned")
+    rebuilt = LldModule(**module.hparams)  # what a checkpoint reload does
+    rebuilt.load_state_dict(module.state_dict())  # strict: the same parameters and shapes
+    assert rebuilt.detector.head.box_bins == 9 and rebuilt.criterion.assigner == "task_aligned"
+    assert "detector.head.scales" not in module.state_dict()
 
 
 def test_optimizer_groups_backbone_multiplier_and_no_decay() -> None:

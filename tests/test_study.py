@@ -260,14 +260,18 @@ def test_rerender_takes_pseudo_settings_from_the_pseudo_row_and_refuses_other_bu
 
 def test_weight_ema_and_out_indices_reach_every_row_and_the_budget_line() -> None:
     args = study.parse_args(["--datasets", "synthetic", "--weight-ema", "0.998",
-                             "--weight-ema-ramp", "300", "--out-indices", "1", "2", "3", "4"])
+                             "--weight-ema-ramp", "300", "--out-indices", "1", "2", "3", "4",
+                             "--box-bins", "17"])
     overrides = study.dataset_specs(args)["synthetic"].overrides
     assert overrides["model.ema_decay"] == 0.998 and overrides["model.ema_ramp_steps"] == 300
-    assert overrides["model.out_indices"] == [1, 2, 3, 4]
+    assert overrides["model.out_indices"] == [1, 2, 3, 4] and overrides["model.box_bins"] == 17
     result = study.RunResult("synthetic", None, "full", 0.4, 0.8, None, 10, 1.0, "best.ckpt", {})
     text = study.render([result], args, "cmd", 60.0, "machine", "2026-01-01T00:00")
     assert "EMA of its weights (decay 0.998, ramp 300 steps)" in text
-    assert "(no pretraining), stages [1, 2, 3, 4] into the pyramid; validation" in text
+    assert (
+        "(no pretraining), stages [1, 2, 3, 4] into the pyramid, box sides as distributions over "
+        "17 distances (distribution focal loss); validation" in text
+    )
     default = study.render(
         [result], study.parse_args(["--datasets", "synthetic"]), "cmd", 60.0, "machine", "d"
     )

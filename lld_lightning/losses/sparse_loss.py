@@ -24,12 +24,13 @@ from torchvision.ops import (
 )
 
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
-from lld_lightning.models.assign import assign_locations
-from lld_lightning.models.detector import decode_boxes
+from lld_lightning.models.assign import TASK_ALIGNED_TOP_K, assign_locations, assign_task_aligned
+from lld_lightning.models.detector import decode_boxes, encode_boxes
 
 LossMode = Literal["masked", "naive"]
 BoxLossName = Literal["giou", "ciou", "diou"]
 ClsLossName = Literal["focal", "quality_focal"]
+AssignerName = Literal["fcos", "task_aligned"]
 
 BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
     "giou": generalized_box_iou_loss,
@@ -78,6 +79,31 @@ def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Te
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * modulation
 
 
+def distribution_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Distribution focal loss (Li et al., GFL, 2020) of one distance per row.
+
+    A continuous target ``y`` between the bins ``i = floor(y)`` and ``i + 1`` is the mixture
+    ``(i + 1 - y) * onehot(i) + (y - i) * onehot(i + 1)``; the loss is the cross-entropy to that
+    mixture, which is smallest when the distribution puts its mass on the two neighbouring bins
+    in that proportion (its expectation is then ``y``).
+
+    Args:
+        logits: float ``[N, n]`` logits over the distances ``0 .. n - 1``.
+        targets: float ``[N]`` distances in bin units; clamped to ``[0, n - 1]``.
+
+    Returns:
+        float ``[N]`` per-row losses.
+    """
+    num_bins = logits.shape[-1]
+    targets = targets.clamp(min=0.0, max=num_bins - 1)
+    left = targets.floor().long().clamp(max=num_bins - 2)
+    right_weight = targets - left.float()  # 1 at the top bin: all the mass on the right one
+    log_probs = F.log_softmax(logits, dim=-1)
+    left_log = log_probs.gather(-1, left[:, None])[:, 0]
+    right_log = log_probs.gather(-1, (left + 1)[:, None])[:, 0]
+    return -((1.0 - right_weight) * left_log + right_weight * right_log)
+
+
 def mean_over_ranks(value: Tensor) -> Tensor:
     """Average a tensor across DDP ranks (identity when not distributed).
 
@@ -120,6 +146,11 @@ class SparseDetectionLoss(nn.Module):
         cls_loss: ``"focal"`` (torchvision's sigmoid focal loss, one-hot targets) or
             ``"quality_focal"`` (`quality_focal_loss`: a positive's class target is the IoU of
             its predicted box with its cell, detached).
+        assigner: ``"fcos"`` (`assign_locations`: centre window and size range per level) or
+            ``"task_aligned"`` (`assign_task_aligned`: the ``top_k`` locations inside each cell
+            whose current prediction fits it best, scored as at inference,
+            ``sqrt(sigmoid(cls) * sigmoid(quality))``). Both apply the same sparse mask.
+        top_k: positives per cell of the task-aligned assigner.
     """
 
     def __init__(
@@ -132,8 +163,14 @@ class SparseDetectionLoss(nn.Module):
         center_radius: float = 1.5,
         box_loss: BoxLossName = "giou",
         cls_loss: ClsLossName = "focal",
+        assigner: AssignerName = "fcos",
+        top_k: int = TASK_ALIGNED_TOP_K,
     ) -> None:
         super().__init__()
+        if assigner not in get_args(AssignerName):
+            raise ValueError(f"assigner must be one of {get_args(AssignerName)}, got {assigner!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         if mode not in ("masked", "naive"):
             raise ValueError(f"mode must be 'masked' or 'naive', got {mode!r}")
         if box_loss not in BOX_LOSSES:
@@ -148,6 +185,8 @@ class SparseDetectionLoss(nn.Module):
         self.focal_gamma = focal_gamma
         self.center_radius = center_radius
         self.box_loss = box_loss
+        self.assigner = assigner
+        self.top_k = top_k
 
     def forward(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
         """Compute the named loss terms.
@@ -173,7 +212,9 @@ class SparseDetectionLoss(nn.Module):
 
         Returns:
             Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes``, ``roi_cls``,
-            ``roi_attributes`` (both 0 without ``outputs["roi"]``), and, detached for logging,
+            ``roi_attributes`` (both 0 without ``outputs["roi"]``), ``dfl`` (the distribution
+            focal loss of the box sides, mean over the 4 sides, summed over positives like
+            ``box``; 0 without ``outputs["box_distribution"]``), and, detached for logging,
             ``num_foreground`` (positives in the batch, mean over ranks) and
             ``supervised_fraction`` (the share of this rank's locations that carry a
             classification loss: 1 for ``naive``, the annotated share of the field for
@@ -194,18 +235,27 @@ class SparseDetectionLoss(nn.Module):
                 f"names {len(self.attribute_spec)}: {list(self.attribute_spec)}"
             )
 
-        matched = assign_locations(
-            points,
-            strides,
-            gt_boxes,
-            labels != IGNORE_INDEX,
-            targets["regions"].to(cls_logits.device),
-            targets["region_valid"].to(cls_logits.device),
-            ignore_outside_regions=self.mode == "masked",
-            center_radius=self.center_radius,
-            ignore_boxes=_optional(targets, "ignore_boxes", cls_logits.device),
-            ignore_valid=_optional(targets, "ignore_valid", cls_logits.device),
-        )  # [B, P]
+        mask = {
+            "regions": targets["regions"].to(cls_logits.device),
+            "region_valid": targets["region_valid"].to(cls_logits.device),
+            "ignore_outside_regions": self.mode == "masked",
+            "ignore_boxes": _optional(targets, "ignore_boxes", cls_logits.device),
+            "ignore_valid": _optional(targets, "ignore_valid", cls_logits.device),
+        }
+        if self.assigner == "task_aligned":
+            with torch.no_grad():
+                pred_boxes = decode_boxes(points, strides, outputs["box_deltas"].float())
+                quality = outputs["quality_logits"].float().sigmoid()[..., None]
+                pred_scores = torch.sqrt(cls_logits.sigmoid() * quality)  # as `postprocess`
+            matched = assign_task_aligned(
+                points, gt_boxes, labels, labels != IGNORE_INDEX, pred_boxes=pred_boxes,
+                pred_scores=pred_scores, top_k=self.top_k, **mask,
+            )  # [B, P]
+        else:
+            matched = assign_locations(
+                points, strides, gt_boxes, labels != IGNORE_INDEX,
+                center_radius=self.center_radius, **mask,
+            )  # [B, P]
         valid = matched != IGNORE  # [B, P]
         foreground = matched >= 0  # [B, P]
         cell = matched.clamp(min=0)  # [B, P], an index usable by gather (masked by foreground)
@@ -244,6 +294,13 @@ class SparseDetectionLoss(nn.Module):
         target_boxes = gt_boxes[image_index, cell_index]  # [N, 4]
         box_loss = BOX_LOSSES[self.box_loss](predicted, target_boxes, reduction="none")  # [N]
         box_term = (box_loss * positive_box_weight).sum() / normaliser
+
+        dfl_term = cls_logits.new_zeros(())
+        if "box_distribution" in outputs:
+            distribution = outputs["box_distribution"].float()[image_index, point_index]  # [N, 4, n]
+            sides = encode_boxes(points[point_index], strides[point_index], target_boxes)  # [N, 4]
+            per_side = distribution_focal_loss(distribution.flatten(0, 1), sides.flatten())
+            dfl_term = (per_side.view(-1, 4).mean(dim=1) * positive_box_weight).sum() / normaliser
 
         iou = elementwise_iou(predicted.detach(), target_boxes)  # [N]
         if self.cls_loss == "focal":
@@ -286,6 +343,7 @@ class SparseDetectionLoss(nn.Module):
             "attributes": attribute_term,
             "roi_cls": roi_cls_term,
             "roi_attributes": roi_attribute_term,
+            "dfl": dfl_term,
             "num_foreground": num_foreground,
             "supervised_fraction": valid.float().mean().detach(),
         }

@@ -105,6 +105,27 @@ def inside_regions(points: Tensor, regions: Tensor, region_valid: Tensor) -> Ten
     return (inside & region_valid[:, None, :]).any(dim=2)
 
 
+def side_extremes(points: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """The nearest and the farthest side of every box from every location, in pixels.
+
+    Args:
+        points: float ``[P, 2]`` location centres ``(x, y)``.
+        gt_boxes: float ``[B, M, 4]`` xyxy boxes.
+
+    Returns:
+        ``nearest, farthest`` float ``[B, P, M]``: ``min`` and ``max`` of ``(l, t, r, b)``;
+        ``nearest > 0`` exactly when the location lies strictly inside the box.
+    """
+    x = points[None, :, None, 0]  # [1, P, 1]
+    y = points[None, :, None, 1]
+    box = gt_boxes[:, None, :, :]  # [B, 1, M, 4]
+    left, top = x - box[..., 0], y - box[..., 1]  # [B, P, M]
+    right, bottom = box[..., 2] - x, box[..., 3] - y
+    nearest = torch.minimum(torch.minimum(left, right), torch.minimum(top, bottom))
+    farthest = torch.maximum(torch.maximum(left, right), torch.maximum(top, bottom))
+    return nearest, farthest
+
+
 @torch.no_grad()
 def assign_locations(
     points: Tensor,
@@ -169,11 +190,7 @@ def assign_locations(
         x = points[None, :, None, 0]  # [1, P, 1]
         y = points[None, :, None, 1]
         box = gt_boxes[:, None, :, :]  # [B, 1, M, 4]
-        left, top = x - box[..., 0], y - box[..., 1]  # [B, P, M]
-        right, bottom = box[..., 2] - x, box[..., 3] - y
-        nearest = torch.minimum(torch.minimum(left, right), torch.minimum(top, bottom))
-        farthest = torch.maximum(torch.maximum(left, right), torch.maximum(top, bottom))
-        del left, top, right, bottom
+        nearest, farthest = side_extremes(points, gt_boxes)
 
         radius = (center_radius * stride)[None, :, None]  # [1, P, 1]
         center_x = (box[..., 0] + box[..., 2]) / 2  # [B, 1, M]
@@ -187,6 +204,28 @@ def assign_locations(
         smallest_area, best_cell = area.min(dim=2)  # [B, P]
         matched = torch.where(torch.isfinite(smallest_area), best_cell, matched)
 
+    return mark_unknown(
+        matched, points, regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid
+    )
+
+
+def mark_unknown(
+    matched: Tensor,
+    points: Tensor,
+    regions: Tensor,
+    region_valid: Tensor,
+    ignore_outside_regions: bool = True,
+    ignore_boxes: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
+) -> Tensor:
+    """Turn ``BACKGROUND`` into ``IGNORE`` where nothing is known (the sparse mask).
+
+    Outside every valid region (with ``ignore_outside_regions``) and inside any ignore box, a
+    location that no cell claimed is ``IGNORE``; positives are kept. See `assign_locations`.
+
+    Returns:
+        int64 ``[B, P]``, a new tensor.
+    """
     if ignore_outside_regions:
         unknown = ~inside_regions(points, regions.float(), region_valid) & (matched == BACKGROUND)
         matched = matched.masked_fill(unknown, IGNORE)
@@ -194,3 +233,95 @@ def assign_locations(
         unsure = inside_regions(points, ignore_boxes.float(), ignore_valid) & (matched == BACKGROUND)
         matched = matched.masked_fill(unsure, IGNORE)
     return matched
+
+
+#: Task-aligned assignment (TOOD, Feng et al. 2021): positives per cell, and the exponents of
+#: the alignment ``score ** ALIGN_SCORE_POWER * IoU ** ALIGN_IOU_POWER`` (the published values).
+TASK_ALIGNED_TOP_K: int = 13
+ALIGN_SCORE_POWER: float = 1.0
+ALIGN_IOU_POWER: float = 6.0
+
+
+def batched_pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of every box of ``boxes1 [B, N, 4]`` with every box of ``boxes2 [B, M, 4]`` (xyxy),
+    image by image: ``[B, N, M]`` (torchvision's `box_iou` without the batch dimension)."""
+    top_left = torch.maximum(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
+    bottom_right = torch.minimum(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(dim=-1)  # [B, N]
+    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(dim=-1)  # [B, M]
+    union = area1[:, :, None] + area2[:, None, :] - intersection
+    return intersection / union.clamp(min=torch.finfo(union.dtype).tiny)
+
+
+@torch.no_grad()
+def assign_task_aligned(
+    points: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    regions: Tensor,
+    region_valid: Tensor,
+    pred_boxes: Tensor,
+    pred_scores: Tensor,
+    ignore_outside_regions: bool = True,
+    top_k: int = TASK_ALIGNED_TOP_K,
+    ignore_boxes: Tensor | None = None,
+    ignore_valid: Tensor | None = None,
+) -> Tensor:
+    """Match locations to cells by how well the current predictions already fit them.
+
+    The candidates of a cell are the locations strictly inside its box, on every level. Each
+    candidate gets the alignment ``s ** ALIGN_SCORE_POWER * IoU ** ALIGN_IOU_POWER``, where ``s`` is
+    the predicted score of the cell's class and IoU that of the predicted box with the cell; the
+    ``top_k`` best aligned candidates of each cell become its positives (fewer when it has fewer
+    candidates). A location chosen by several cells goes to the one its predicted box overlaps
+    most (the first index on a tie). Everything else is ``BACKGROUND`` and then, exactly as in
+    `assign_locations`, ``IGNORE`` outside the regions and inside ignore boxes (`mark_unknown`):
+    the sparse mask does not depend on the assigner.
+
+    Only predictions at locations inside a labelled cell's box are read, so what the model
+    predicts on the unknown field outside the regions and away from labelled cells changes
+    neither the assignment nor the loss.
+
+    Args:
+        points: float ``[P, 2]`` location centres ``(x, y)`` in input pixels.
+        gt_boxes: float ``[B, M, 4]`` cell boxes, xyxy pixels.
+        gt_labels: int64 ``[B, M]`` class indices (any value at padding).
+        gt_valid: bool ``[B, M]``, False for padding.
+        regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid: see
+            `assign_locations`.
+        pred_boxes: float ``[B, P, 4]`` decoded predicted boxes, xyxy pixels.
+        pred_scores: float ``[B, P, C]`` predicted scores in ``[0, 1]``.
+        top_k: positives per cell at most.
+
+    Returns:
+        int64 ``[B, P]``: the cell index in ``[0, M)``, ``BACKGROUND`` or ``IGNORE``.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    batch_size, num_cells = gt_boxes.shape[:2]
+    num_points = points.shape[0]
+    points = points.float()
+    gt_boxes = gt_boxes.float()
+    matched = torch.full(
+        (batch_size, num_points), BACKGROUND, dtype=torch.int64, device=gt_boxes.device
+    )
+    if num_cells > 0:
+        nearest, _ = side_extremes(points, gt_boxes)
+        candidate = (nearest > 0) & gt_valid[:, None, :]  # [B, P, M]
+        iou = batched_pairwise_iou(pred_boxes.float(), gt_boxes)  # [B, P, M]
+        labels = gt_labels.clamp(min=0)[:, None, :].expand(-1, num_points, -1)
+        score = pred_scores.float().gather(2, labels)  # [B, P, M]
+        alignment = score.pow(ALIGN_SCORE_POWER) * iou.pow(ALIGN_IOU_POWER)
+        # -1 below every real alignment (>= 0), so a cell never picks a non-candidate.
+        alignment = torch.where(candidate, alignment, torch.full_like(alignment, -1.0))
+        k = min(top_k, num_points)
+        best = alignment.topk(k, dim=1).indices  # [B, k, M]
+        chosen = torch.zeros_like(candidate).scatter_(1, best, True) & candidate  # [B, P, M]
+        overlap = torch.where(chosen, iou, torch.full_like(iou, -1.0))
+        best_overlap, best_cell = overlap.max(dim=2)  # [B, P]
+        matched = torch.where(best_overlap >= 0, best_cell, matched)
+    return mark_unknown(
+        matched, points, regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid
+    )

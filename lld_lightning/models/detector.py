@@ -6,6 +6,8 @@ level, levels finest first, row-major (y, x) inside a level:
 
 - ``cls_logits [B, P, C]``; ``box_deltas [B, P, 4]`` non-negative (l, t, r, b) in stride units;
 - ``quality_logits [B, P]``; ``attr_logits {name: [B, P, K_name]}`` in spec order;
+- with a distribution box head (``box_bins = n``): ``box_distribution [B, P, 4, n]`` logits over
+  the distances ``0 .. n - 1`` strides, whose expectation is ``box_deltas``;
 - ``points [P, 2]`` (x, y) location centres in input pixels; ``strides [P]`` float32;
 - with a region read-out (`RoiHead`): ``roi_features`` (the pyramid levels) and
   ``roi_images`` (the input, for pixel crops), kept for `Detector.detections`, and, when
@@ -185,6 +187,7 @@ def build_detector(
     roi_readout: bool = False,
     roi_pixel_crop: int = 0,
     roi_crop_classes: bool = False,
+    box_bins: int = 0,
 ) -> Detector:
     """Build timm backbone + FPN + `DenseHead` from plain values.
 
@@ -204,6 +207,8 @@ def build_detector(
         roi_pixel_crop: > 0: the `RoiHead`'s attributes also read each box's pixels resampled to
             this side (`CropEncoder`).
         roi_crop_classes: the `RoiHead`'s class predictor reads the pixel crops too.
+        box_bins: 0 for direct distances, ``n >= 2`` for a distribution over ``n`` distances
+            per side (`DenseHead`).
 
     Returns:
         The `Detector`.
@@ -218,6 +223,7 @@ def build_detector(
         norm=head_norm,
         num_levels=len(neck.strides),
         attribute_convs=attribute_convs,
+        box_bins=box_bins,
     )
     roi_head = (
         RoiHead(

@@ -66,6 +66,11 @@ class DenseHead(nn.Module):
         attribute_convs: 0 (default) reads the attributes from the classification tower; ``n > 0``
             gives them their own ``n``-conv tower (about +25% head compute per tower conv pair,
             see docs/model.md).
+        box_bins: 0 (default) predicts each distance directly (softplus of a scaled raw value);
+            ``n >= 2`` predicts a distribution over the distances ``0, 1, ..., n - 1`` strides
+            per side (GFL's general distribution, Li et al. 2020): the distance is its expected
+            value, and the logits are returned as ``box_distribution`` for the distribution
+            focal loss. Distances beyond ``n - 1`` strides cannot be expressed.
     """
 
     def __init__(
@@ -77,8 +82,11 @@ class DenseHead(nn.Module):
         norm: Norm = "group",
         num_levels: int = 3,
         attribute_convs: int = 0,
+        box_bins: int = 0,
     ) -> None:
         super().__init__()
+        if box_bins == 1 or box_bins < 0:
+            raise ValueError(f"box_bins must be 0 (direct distances) or >= 2, got {box_bins}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         for name, num_values in attribute_spec.items():
@@ -89,12 +97,13 @@ class DenseHead(nn.Module):
         self.num_classes = num_classes
         self.attribute_spec = dict(attribute_spec)
         self.num_levels = num_levels
+        self.box_bins = box_bins
 
         self.cls_tower = _tower(in_channels, num_convs, norm)
         self.reg_tower = _tower(in_channels, num_convs, norm)
         self.attr_tower = _tower(in_channels, attribute_convs, norm) if attribute_convs else None
         self.cls_pred = nn.Conv2d(in_channels, num_classes, 3, padding=1)
-        self.box_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.box_pred = nn.Conv2d(in_channels, 4 * max(box_bins, 1), 3, padding=1)
         self.quality_pred = nn.Conv2d(in_channels, 1, 3, padding=1)
         self.attr_preds = nn.ModuleDict(
             {
@@ -103,8 +112,13 @@ class DenseHead(nn.Module):
             }
         )
         # Per-level multiplier on the raw distance, so one shared conv can serve levels whose
-        # objects differ in size (in stride units).
-        self.scales = nn.Parameter(torch.ones(num_levels))
+        # objects differ in size (in stride units). A distribution needs none: its bins are
+        # already in stride units, and an unused parameter would trip DDP.
+        self.scales = nn.Parameter(torch.ones(num_levels)) if box_bins == 0 else None
+        if box_bins:
+            self.register_buffer(
+                "bin_values", torch.arange(box_bins, dtype=torch.float32), persistent=False
+            )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -125,27 +139,39 @@ class DenseHead(nn.Module):
         Returns:
             Float32 dict, ``P = sum_l H_l * W_l`` in level order, row-major within a level:
             ``cls_logits [B, P, C]``, ``box_deltas [B, P, 4]`` (non-negative l, t, r, b in
-            stride units), ``quality_logits [B, P]``, ``attr_logits {name: [B, P, K_name]}``.
+            stride units), ``quality_logits [B, P]``, ``attr_logits {name: [B, P, K_name]}``;
+            with ``box_bins`` also ``box_distribution [B, P, 4, box_bins]`` (logits over the
+            distances; ``box_deltas`` is their expectation).
         """
         if len(features) != self.num_levels:
             raise ValueError(f"head built for {self.num_levels} levels, got {len(features)}")
-        cls_levels, box_levels, quality_levels = [], [], []
+        cls_levels, box_levels, quality_levels, distribution_levels = [], [], [], []
         attr_levels: dict[str, list[torch.Tensor]] = {name: [] for name in self.attr_preds}
         for level, feature in enumerate(features):
             cls_feature = self.cls_tower(feature)
             reg_feature = self.reg_tower(feature)
             attr_feature = cls_feature if self.attr_tower is None else self.attr_tower(feature)
             cls_levels.append(_flatten(self.cls_pred(cls_feature)))
-            # softplus keeps distances non-negative like relu but never kills the gradient of a
-            # side that went negative, and grows linearly instead of exploding like exp.
-            raw_box = _flatten(self.box_pred(reg_feature)) * self.scales[level]
-            box_levels.append(F.softplus(raw_box))
+            if self.box_bins:
+                logits = _flatten(self.box_pred(reg_feature))
+                logits = logits.reshape(*logits.shape[:2], 4, self.box_bins)  # [B, P_l, 4, n]
+                distribution_levels.append(logits)
+                # Elementwise, not a matmul, so that autocast leaves the expectation in float32.
+                box_levels.append((logits.softmax(dim=-1) * self.bin_values).sum(dim=-1))
+            else:
+                # softplus keeps distances non-negative like relu but never kills the gradient of
+                # a side that went negative, and grows linearly instead of exploding like exp.
+                raw_box = _flatten(self.box_pred(reg_feature)) * self.scales[level]
+                box_levels.append(F.softplus(raw_box))
             quality_levels.append(_flatten(self.quality_pred(reg_feature))[..., 0])
             for name, predictor in self.attr_preds.items():
                 attr_levels[name].append(_flatten(predictor(attr_feature)))
-        return {
+        outputs = {
             "cls_logits": torch.cat(cls_levels, dim=1),
             "box_deltas": torch.cat(box_levels, dim=1),
             "quality_logits": torch.cat(quality_levels, dim=1),
             "attr_logits": {name: torch.cat(maps, dim=1) for name, maps in attr_levels.items()},
         }
+        if self.box_bins:
+            outputs["box_distribution"] = torch.cat(distribution_levels, dim=1)
+        return outputs
