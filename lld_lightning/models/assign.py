@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from lld_lightning.constants import BACKGROUND, IGNORE
 
@@ -242,16 +243,9 @@ ALIGN_SCORE_POWER: float = 1.0
 ALIGN_IOU_POWER: float = 6.0
 
 
-def batched_pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of every box of ``boxes1 [B, N, 4]`` with every box of ``boxes2 [B, M, 4]`` (xyxy),
-    image by image: ``[B, N, M]`` (torchvision's `box_iou` without the batch dimension)."""
-    top_left = torch.maximum(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
-    bottom_right = torch.minimum(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
-    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(dim=-1)  # [B, N]
-    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(dim=-1)  # [B, M]
-    union = area1[:, :, None] + area2[:, None, :] - intersection
-    return intersection / union.clamp(min=torch.finfo(union.dtype).tiny)
+#: IoU of every box of ``[B, N, 4]`` with every box of ``[B, M, 4]`` (xyxy), image by image:
+#: ``[B, N, M]``. torchvision's `box_iou`, mapped over the batch.
+batched_pairwise_iou = torch.vmap(box_iou)
 
 
 @torch.no_grad()
@@ -310,6 +304,7 @@ def assign_task_aligned(
     if num_cells > 0:
         nearest, _ = side_extremes(points, gt_boxes)
         candidate = (nearest > 0) & gt_valid[:, None, :]  # [B, P, M]
+        # NaN where both boxes have no area (padding), which `candidate` masks below.
         iou = batched_pairwise_iou(pred_boxes.float(), gt_boxes)  # [B, P, M]
         labels = gt_labels.clamp(min=0)[:, None, :].expand(-1, num_points, -1)
         score = pred_scores.float().gather(2, labels)  # [B, P, M]
