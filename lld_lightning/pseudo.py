@@ -38,6 +38,7 @@ from lld_lightning.calibration import (
     region_counts,
 )
 from lld_lightning.constants import IGNORE_INDEX, MATCH_IOU
+from lld_lightning.data.sample import pack_per_image
 from lld_lightning.data.transforms import clip_boxes, content_boxes, invert_boxes, transform_boxes
 
 PseudoMode = Literal["teacher", "self"]
@@ -122,37 +123,6 @@ def pseudo_label_quality(
         "num_hidden": hidden_outside.sum().cpu(),
         "num_found": found.sum().cpu(),
     }
-
-
-def pack_per_image(
-    values: dict[str, Tensor], image_index: Tensor, batch_size: int
-) -> dict[str, Tensor]:
-    """Scatter flat per-detection tensors into padded per-image ones, order kept.
-
-    Args:
-        values: ``{name: [N, ...]}`` tensors, sorted by ``image_index``.
-        image_index: int64 ``[N]`` (sorted).
-        batch_size: ``B``.
-
-    Returns:
-        ``{name: [B, K, ...]}`` with ``K`` the largest count, plus ``valid`` bool ``[B, K]``;
-        padding is zero (callers overwrite labels with ``IGNORE_INDEX``).
-    """
-    counts = torch.bincount(image_index, minlength=batch_size)  # [B]
-    width = int(counts.max()) if image_index.numel() else 0
-    rank = (
-        torch.arange(image_index.numel(), device=image_index.device)
-        - (counts.cumsum(0) - counts)[image_index]
-    )
-    packed = {}
-    for name, value in values.items():
-        out = value.new_zeros((batch_size, width, *value.shape[1:]))
-        out[image_index, rank] = value
-        packed[name] = out
-    valid = torch.zeros((batch_size, width), dtype=torch.bool, device=image_index.device)
-    valid[image_index, rank] = True
-    packed["valid"] = valid
-    return packed
 
 
 class PseudoLabeller(Callback):
@@ -286,6 +256,12 @@ class PseudoLabeller(Callback):
     # ------------------------------------------------------------------------------- lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = getattr(trainer, "datamodule", None)
+        if stage == "fit" and getattr(getattr(datamodule, "train_augmentation", None), "mosaic", 0) > 0:
+            raise ValueError(
+                "PseudoLabeller cannot train on mosaics (data.augmentation mosaic > 0): "
+                "pseudo-labels are mapped into the student's view through each image's "
+                "transform, which a mosaic image has not got. Set mosaic to 0 in data.augmentation."
+            )
         if stage == "fit" and self.mode == "teacher" and hasattr(datamodule, "teacher_view"):
             datamodule.teacher_view = True
 

@@ -43,21 +43,33 @@ class TimeBudget(Callback):
             allocator warm-up, cuDNN autotuning, compilation and data-loader start-up).
         update_every: under DDP, re-estimate the step count (a broadcast) every this many
             steps; a single process re-estimates at every step.
+        final_validation_s: seconds kept for the final validation until a validation has been
+            timed (then its measured duration is kept instead). A run that validates only at the
+            end needs it, or the final validation falls outside the budget.
     """
 
-    def __init__(self, minutes: float, calibration_steps: int = 30, update_every: int = 20) -> None:
+    def __init__(
+        self,
+        minutes: float,
+        calibration_steps: int = 30,
+        update_every: int = 20,
+        final_validation_s: float = 0.0,
+    ) -> None:
         if minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {minutes}")
         if calibration_steps < 1 or update_every < 1:
             raise ValueError("calibration_steps and update_every must be >= 1")
+        if final_validation_s < 0:
+            raise ValueError(f"final_validation_s must be >= 0, got {final_validation_s}")
         self.budget_s = 60.0 * minutes
+        self.final_validation_s = final_validation_s
         self.calibration_steps = calibration_steps
         self.update_every = update_every
         self.start: float | None = None
         self.mark: tuple[int, float] | None = None  # (step, time) where measuring began
         self.planned_steps: int | None = None
         self.elapsed_s: float = 0.0
-        self.validation_s: float = 0.0  # the last validation's duration, kept for the final one
+        self.validation_s = final_validation_s  # the last validation's duration, kept for the final one
         self.validation_total_s: float = 0.0  # every validation inside the budget, summed
         self.validations: int = 0
         self._validation_start: float | None = None
@@ -71,7 +83,7 @@ class TimeBudget(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start, self.mark, self.planned_steps = _clock(), None, None
-        self.validation_s = self.validation_total_s = 0.0
+        self.validation_s, self.validation_total_s = self.final_validation_s, 0.0
         self.validations = 0
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -125,10 +137,15 @@ class TimeBudget(Callback):
         if self.start is None:
             return
         self.elapsed_s = _clock() - self.start
+        reserve = (
+            f"; {self.final_validation_s:.0f} s kept for the final one until one was timed"
+            if self.final_validation_s
+            else ""
+        )
         rank_zero_info(
             f"[time budget] {trainer.global_step} optimizer steps in {self.elapsed_s:.0f} s "
             f"(budget {self.budget_s:.0f} s; {self.validations} validations took "
-            f"{self.validation_total_s:.0f} s of it)"
+            f"{self.validation_total_s:.0f} s of it{reserve})"
         )
 
     def summary(self) -> dict[str, float]:

@@ -34,8 +34,11 @@ from lld_lightning.module import LldModule
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
 
 
-def measure(batch_size: int, args: argparse.Namespace, config: dict, device: torch.device) -> dict:
-    """One batch size: timings, kernel share, launches, syncs, peak memory and top kernels."""
+def measure(
+    batch_size: int, overrides: str, args: argparse.Namespace, config: dict, device: torch.device
+) -> dict:
+    """One batch size and model (``overrides``: JSON over the config's model section): timings,
+    kernel share, launches, syncs, peak memory and top kernels."""
     data = dict(config["data"], image_size=args.image_size, batch_size=batch_size, num_workers=0)
     if args.root:
         data["root"] = args.root
@@ -43,7 +46,7 @@ def measure(batch_size: int, args: argparse.Namespace, config: dict, device: tor
     datamodule.setup("fit")
     samples = [datamodule.train_set[i % len(datamodule.train_set)] for i in range(batch_size)]
     cpu_batch = collate(samples)
-    model_args = dict(config["model"], **json.loads(args.model))
+    model_args = dict(config["model"], **json.loads(overrides))
     module = LldModule(
         num_classes=datamodule.num_classes,
         attribute_spec=datamodule.attribute_spec,
@@ -123,18 +126,28 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=640)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--model", default="{}", help="JSON overrides of the config's model section")
+    parser.add_argument(
+        "--model", action="append", default=None,
+        help="JSON overrides of the config's model section; repeat to compare models (each is "
+        "measured at every batch size)",
+    )
     parser.add_argument("--precision", choices=["bf16", "32"], default="bf16")
     parser.add_argument("--top", type=int, default=12, help="the most expensive kernels (ops) listed")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true",
+        help="let cuDNN pick its fastest kernels, as `--trainer.benchmark true` does in training",
+    )
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with open(args.config) as file:
         config = yaml.safe_load(file)
-    for batch_size in args.batch_sizes:
-        print(json.dumps(measure(batch_size, args, config, device)), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for overrides in args.model or ["{}"]:
+        for batch_size in args.batch_sizes:
+            print(json.dumps(measure(batch_size, overrides, args, config, device)), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 #   PARTS=txl scripts/gpu_txl.sh  # only the 4-minute runs; PARTS=study only the study
 #   WORKERS=3 RECIPES="base16|--data.batch_size 16 --model.cls_loss focal;b64|--data.batch_size 64" PARTS=txl ...
 #                                 # several recipes at once on the one GPU ("name|lld args;...")
+#   LAYOUT=auto PARTS=txl ...     # first time a step in both memory layouts, keep the faster
 #   WHEELS=0 MINUTES=0.3 STUDY_MINUTES=0.3 WORKERS=2 scripts/gpu_txl.sh   # dry run on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +41,32 @@ if [[ " $PARTS " == *" profile "* ]]; then
   echo "[gpu_txl] profile part ${SECONDS}s"
 fi
 
+# LAYOUT=auto: time one training step of the default recipe's model at batch 64 in both memory
+# layouts first, and give every recipe --model.channels_last true if that is at least 5% faster
+# (whether it is depends on the GroupNorm kernels of the device image's torch, which may convert
+# NHWC back to NCHW). LAYOUT=channels_last forces it.
+LAYOUT_ARGS=()
+if [[ "${LAYOUT:-}" == auto ]]; then
+  model='{"backbone": "resnet34", "fpn_channels": 128, "head_convs": 2'
+  python3 scripts/gpu_step_profile.py --config configs/txl.yaml --data.root "$ROOT" \
+    --image-size "$IMAGE_SIZE" --batch-sizes "${LAYOUT_BATCH:-64}" --steps 5 --top 8 --cudnn-benchmark \
+    --model "$model}" --model "$model, \"channels_last\": true}" 2>&1 \
+    | grep '^{' | tee "$OUT/layout_profile.jsonl"
+  if python3 -c 'import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; sys.exit(r[1]["wall_ms_per_step"] >= 0.95 * r[0]["wall_ms_per_step"])' "$OUT/layout_profile.jsonl"; then
+    LAYOUT_ARGS=(--model.channels_last true)
+  fi
+  echo "[gpu_txl] layout part ${SECONDS}s: ${LAYOUT_ARGS[*]:-channels first}"
+elif [[ "${LAYOUT:-}" == channels_last ]]; then
+  LAYOUT_ARGS=(--model.channels_last true)
+fi
+
 if [[ " $PARTS " == *" txl "* ]]; then
   # configs/txl.yaml with the baseline's input size (YOLO: imgsz 640) and the time budget
   # instead of epochs, one process per recipe, all at once (each its own MINUTES of wall clock
   # on the shared GPU; give WORKERS=3 for four at once); validation every VAL_INTERVAL (DD:HH:MM:SS,
-  # default a minute; longer than the run: only the final one) and once at the end; test
+  # default a minute; longer than the run: only the final one) and once at the end, with
+  # FINAL_VAL_S seconds (default 20, about one validation on an H200) kept for the final one until
+  # a validation has been timed; test
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
   # TimeBudget and checkpoint folder; box_bins 17 comes from configs/txl.yaml, add
@@ -62,13 +84,14 @@ if [[ " $PARTS " == *" txl "* ]]; then
     rm -rf "$RUN"
     (
       python3 -m lld_lightning.cli fit --config configs/txl.yaml --data.root "$ROOT" \
-        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" \
+        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
         --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
         --trainer.check_val_every_n_epoch null --trainer.val_check_interval "${VAL_INTERVAL:-00:00:01:00}" \
         --trainer.callbacks+=lld_lightning.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
+        --trainer.callbacks.final_validation_s "${FINAL_VAL_S:-20}" \
         --trainer.enable_progress_bar false > "$OUT/${name}_fit.log" 2>&1
       python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
-        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" \
+        --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
         --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
         --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
       cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_test_metrics.csv" 2>/dev/null

@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.plugins import Precision
 
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.data.sample import pack_per_image
 from lld_lightning.data.transforms import DeviceAugmentation, GeometryParams
 from lld_lightning.module import LldModule
-from lld_lightning.pseudo import PseudoLabeller, pack_per_image, pseudo_label_quality
+from lld_lightning.pseudo import PseudoLabeller, pseudo_label_quality
 from tests.conftest import REPO
 
 S = 64

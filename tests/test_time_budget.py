@@ -24,10 +24,15 @@ class FakeClock:
 
 
 def _fit_with_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, minutes: str, calibration_steps: str, *args: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    minutes: str,
+    calibration_steps: str,
+    *args: str,
+    budget_args: tuple[str, ...] = (),
 ):
     """A tiny fit with a `TimeBudget` (``update_every`` 2) on the fake clock; ``args`` are extra
-    CLI arguments, given before the callback."""
+    CLI arguments, given before the callback, ``budget_args`` more of the callback's own."""
     monkeypatch.setattr(time_budget, "_clock", FakeClock())
     monkeypatch.chdir(tmp_path)
     return main([
@@ -40,11 +45,16 @@ def _fit_with_budget(
         "--trainer.callbacks.minutes", minutes,
         "--trainer.callbacks.calibration_steps", calibration_steps,
         "--trainer.callbacks.update_every", "2",
+        *budget_args,
     ])
 
 
+@pytest.mark.parametrize(
+    ("reserve", "steps"),
+    [("0", 12), ("4", 8)],  # final_validation_s: seconds kept for the final validation
+)
 def test_budget_sets_steps_and_schedule_and_validates_last(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reserve: str, steps: int
 ) -> None:
     cli = _fit_with_budget(
         tmp_path,
@@ -54,10 +64,12 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
         "--trainer.max_epochs", "1",  # lifted by the budget
         "--trainer.check_val_every_n_epoch", "null",
         "--trainer.val_check_interval", "1000",  # only the budget's final validation
+        budget_args=("--trainer.callbacks.final_validation_s", reserve),
     )
     budget = next(c for c in cli.trainer.callbacks if isinstance(c, TimeBudget))
-    # One reading at train start and one per step: 12 s at 1 s per step, whatever max_epochs said.
-    assert budget.planned_steps == 12
+    # One reading at train start and one per step: 12 s at 1 s per step, whatever max_epochs
+    # said, less the seconds kept for the final validation (none has been timed before it).
+    assert budget.planned_steps == steps
     assert cli.trainer.global_step == budget.planned_steps
     assert cli.model._schedule_steps == budget.planned_steps
     lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
@@ -65,7 +77,7 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
     assert lr == pytest.approx(hparams.lr * hparams.min_lr_ratio, rel=0.05)  # cosine ran out
     assert "val/map_50" in cli.trainer.callback_metrics  # the final weights were validated
     summary = budget.summary()
-    assert summary["planned_steps"] == 12
+    assert summary["planned_steps"] == steps
     # The final validation is the only one: two clock readings apart, counted in the summary.
     assert summary["validations"] == 1 and summary["validation_s"] == 1.0
 
@@ -77,7 +89,10 @@ def test_budget_stops_before_calibration_when_time_is_up(
     assert 2 <= cli.trainer.global_step <= 4
 
 
-@pytest.mark.parametrize("kwargs", [{"minutes": 0}, {"minutes": 1, "update_every": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"minutes": 0}, {"minutes": 1, "update_every": 0}, {"minutes": 1, "final_validation_s": -1}],
+)
 def test_bad_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         TimeBudget(**kwargs)
@@ -90,3 +105,12 @@ def test_the_final_validation_is_kept_inside_the_budget() -> None:
     budget.validation_s = 5.0  # the last validation took 5 s; the final one will too
     assert budget._plan(20, 20.0) == 55
     assert budget._plan(20, 59.0) == 20  # no time left: stop now
+
+
+def test_a_reserve_stands_in_for_the_final_validation_until_one_is_timed() -> None:
+    budget = TimeBudget(minutes=1.0, calibration_steps=10, final_validation_s=8.0)
+    budget.start, budget.mark = 0.0, (10, 10.0)  # 1 s per step since step 10
+    budget.validation_s = budget.final_validation_s  # as on_train_start leaves it
+    assert budget._plan(20, 20.0) == 52  # 40 s left, 8 of them kept for the final validation
+    budget.validation_s = 3.0  # a validation was timed: its duration replaces the reserve
+    assert budget._plan(20, 20.0) == 57

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lld_lightning.constants import IGNORE_INDEX
 
@@ -104,3 +105,35 @@ def unbatch_targets(batch: Batch) -> list[dict[str, torch.Tensor]]:
             "regions": batch["regions"][i][batch["region_valid"][i]],
         })
     return targets
+
+
+def pack_per_image(
+    values: dict[str, Tensor], image_index: Tensor, batch_size: int, min_width: int = 0
+) -> dict[str, Tensor]:
+    """Scatter flat per-detection tensors into padded per-image ones, order kept.
+
+    Args:
+        values: ``{name: [N, ...]}`` tensors, sorted by ``image_index``.
+        image_index: int64 ``[N]`` (sorted).
+        batch_size: ``B``.
+        min_width: the least ``K`` (e.g. 1 for regions, which a batch always has a slot for).
+
+    Returns:
+        ``{name: [B, K, ...]}`` with ``K`` the largest count, plus ``valid`` bool ``[B, K]``;
+        padding is zero (callers overwrite labels with ``IGNORE_INDEX``).
+    """
+    counts = torch.bincount(image_index, minlength=batch_size)  # [B]
+    width = max(int(counts.max()) if image_index.numel() else 0, min_width)
+    rank = (
+        torch.arange(image_index.numel(), device=image_index.device)
+        - (counts.cumsum(0) - counts)[image_index]
+    )
+    packed = {}
+    for name, value in values.items():
+        out = value.new_zeros((batch_size, width, *value.shape[1:]))
+        out[image_index, rank] = value
+        packed[name] = out
+    valid = torch.zeros((batch_size, width), dtype=torch.bool, device=image_index.device)
+    valid[image_index, rank] = True
+    packed["valid"] = valid
+    return packed

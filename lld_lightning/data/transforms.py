@@ -19,6 +19,8 @@ exact new box):
 2. (train) flips and quarter turns of the content about its own centre, re-anchored at the top-left;
 3. (train) zoom about the content centre and a translation in output pixels.
 
+4. (train, optional) mosaic: four augmented images of the batch tiled into one (`mosaic.py`).
+
 Eval (``train=False``) is step 1 only and deterministic.
 
 Photometric (train only, per image, vectorised): colour jitter (kornia.enhance), stain jitter in
@@ -48,6 +50,7 @@ from kornia.geometry.transform import warp_affine
 from torch import Tensor, nn
 
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.data.mosaic import apply_mosaic, sample_mosaic
 
 #: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB, one per row
 #: (normalised to unit length below). ``od_rgb = concentrations_hed @ RGB_FROM_HED``.
@@ -344,6 +347,10 @@ class DeviceAugmentation(nn.Module):
             shift). With sparse labels this spends the compute where the labels are, and keeps
             fine cues (granules, nucleoli) at full resolution. Evaluation still letterboxes to
             ``image_size``, which should then be the images' own size.
+        mosaic: training only: probability that an image becomes a 2x2 mosaic of itself and
+            three other images of the batch, after their own augmentation (`mosaic.py`).
+        mosaic_centre: where the mosaic's quadrants meet, as fractions of the output side
+            (uniform per axis).
     """
 
     def __init__(
@@ -371,6 +378,8 @@ class DeviceAugmentation(nn.Module):
         min_size: float = 2.0,
         fill: float = 0.5,
         crop_size: int | None = None,
+        mosaic: float = 0.0,
+        mosaic_centre: tuple[float, float] = (0.25, 0.75),
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -397,6 +406,11 @@ class DeviceAugmentation(nn.Module):
         if crop_size is not None and crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         self.crop_size = crop_size
+        if not 0.0 <= mosaic <= 1.0:
+            raise ValueError(f"mosaic is a probability in [0, 1], got {mosaic}")
+        if not 0.0 < mosaic_centre[0] <= mosaic_centre[1] < 1.0:
+            raise ValueError(f"mosaic_centre must be a (low, high) range inside (0, 1), got {mosaic_centre}")
+        self.mosaic, self.mosaic_centre = mosaic, tuple(mosaic_centre)
 
     def sample_geometry(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -470,7 +484,10 @@ class DeviceAugmentation(nn.Module):
             clipped; dropped cells get ``labels``/``attributes`` = ``IGNORE_INDEX`` and a zero box;
             empty regions get ``region_valid`` False and a zero box; ``transform`` float
             ``[B, 3, 3]`` maps original pixels to output pixels (see `invert_boxes`).
-            ``image_size`` is kept: it still gives the original ``(h, w)``.
+            ``image_size`` is kept: it still gives the original ``(h, w)``. With ``mosaic`` > 0
+            (training) also ``mosaic`` bool ``[B]``; a mosaic row's cells and regions are its
+            four tiles' (so ``M`` and ``R`` may grow) and its ``transform`` is its top-left
+            tile's (`mosaic.py`).
         """
         images = batch["image"]
         device, batch_size = images.device, images.shape[0]
@@ -492,6 +509,9 @@ class DeviceAugmentation(nn.Module):
         out["image"] = torch.where(inside, image.clamp(0.0, 1.0), image.new_tensor(self.fill))
         out.update(self._move_cells(batch, matrix, bounds))
         out["transform"] = matrix
+        if self.train_mode and self.mosaic > 0:
+            tiles = sample_mosaic(self.mosaic, bounds, size, self.mosaic_centre, generator)
+            out = apply_mosaic(out, tiles, self.min_visibility, self.min_size)
         return out
 
     def _warp(self, images: Tensor, image_size: Tensor, matrix: Tensor) -> Tensor:
