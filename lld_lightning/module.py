@@ -339,6 +339,14 @@ class LldModule(L.LightningModule):
         return results
 
     # --------------------------------------------------------------------------- optimiser
+    @property
+    def training_progress(self) -> float | None:
+        """Optimizer steps taken over the schedule's length (None before the optimizer exists)."""
+        steps = getattr(self, "_schedule_steps", None)
+        if steps is None or self._trainer is None:
+            return None
+        return min(1.0, self.global_step / steps)
+
     def set_schedule_steps(self, steps: int) -> None:
         """Length of the warm-up + cosine schedule in optimizer steps (`TimeBudget` moves it)."""
         self._schedule_steps = max(1, int(steps))

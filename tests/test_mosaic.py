@@ -10,6 +10,7 @@ import torch
 
 from lld_lightning.cli import main
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.data import transforms
 from lld_lightning.data.mosaic import MosaicParams, apply_mosaic, quadrants, sample_mosaic
 from lld_lightning.data.transforms import DeviceAugmentation
 from lld_lightning.pseudo import PseudoLabeller
@@ -170,10 +171,20 @@ def test_augmentation_with_mosaic_is_reproducible_and_consistent() -> None:
             assert inside.any()
 
 
-@pytest.mark.parametrize(("mosaic", "centre"), [(-0.1, (0.25, 0.75)), (1.5, (0.25, 0.75)), (0.5, (0.0, 0.5)), (0.5, (0.6, 0.4))])
-def test_bad_mosaic_settings_are_refused(mosaic: float, centre: tuple[float, float]) -> None:
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mosaic": -0.1},
+        {"mosaic": 1.5},
+        {"mosaic_centre": (0.0, 0.5)},
+        {"mosaic_centre": (0.6, 0.4)},
+        {"mosaic_until": 0.0},
+        {"mosaic_until": 1.2},
+    ],
+)
+def test_bad_mosaic_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="mosaic"):
-        DeviceAugmentation(mosaic=mosaic, mosaic_centre=centre)
+        DeviceAugmentation(**kwargs)
 
 
 def test_the_pseudo_labeller_refuses_mosaics() -> None:
@@ -183,15 +194,44 @@ def test_the_pseudo_labeller_refuses_mosaics() -> None:
         PseudoLabeller().setup(trainer, None, "fit")
 
 
-def test_fit_trains_on_mosaics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mosaics_stop_at_mosaic_until() -> None:
+    batch = {
+        "image": torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+        "image_size": torch.tensor([[16, 16]] * 2),
+        "boxes": torch.tensor([[[2.0, 2.0, 8.0, 8.0]]] * 2),
+        "labels": torch.tensor([[0], [1]]),
+        "attributes": torch.zeros(2, 1, 1, dtype=torch.int64),
+        "regions": torch.tensor([[[0.0, 0.0, 16.0, 16.0]]] * 2),
+        "region_valid": torch.ones(2, 1, dtype=torch.bool),
+    }
+    augmentation = DeviceAugmentation(image_size=16, mosaic=1.0, mosaic_until=0.5)
+    for progress, tiled in ((None, True), (0.0, True), (0.49, True), (0.5, False), (1.0, False)):
+        out = augmentation(batch, generator=torch.Generator().manual_seed(0), progress=progress)
+        assert ("mosaic" in out) is tiled, progress
+
+
+def test_fit_trains_on_mosaics_until_the_given_fraction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return apply_mosaic(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "apply_mosaic", counting)
     monkeypatch.chdir(tmp_path)
     cli = main([
         "fit",
         "--config", str(REPO / "configs" / "tiny.yaml"),
         "--data.synthetic_dir", str(tmp_path / "data"),
         "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--data.augmentation", '{"mosaic": 1.0}',
+        "--data.augmentation.mosaic", "1.0",
+        "--data.augmentation.mosaic_until", "0.5",
     ])
     assert cli.datamodule.train_augmentation.mosaic == 1.0
     assert cli.trainer.global_step == 2
+    assert cli.model.training_progress == 1.0
+    # Step 0 (progress 0) trains on mosaics; step 1 (progress 0.5) on plain images.
+    assert len(calls) == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -301,8 +301,12 @@ class LldDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Augment (training) or letterbox (evaluation) on the device the batch now lives on."""
         training = self.trainer is not None and self.trainer.training
-        transform = self.train_augmentation if training else self.eval_transform
-        out = transform(batch)
+        if training:
+            # How far the model's schedule is (LldModule.training_progress), for mosaic_until.
+            progress = getattr(self.trainer.lightning_module, "training_progress", None)
+            out = self.train_augmentation(batch, progress=progress)
+        else:
+            out = self.eval_transform(batch)
         if training and self.teacher_view:
             weak = self.eval_transform(batch)
             for key in ("image", "transform", "boxes", "labels", "regions", "region_valid"):

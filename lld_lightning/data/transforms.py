@@ -351,6 +351,10 @@ class DeviceAugmentation(nn.Module):
             three other images of the batch, after their own augmentation (`mosaic.py`).
         mosaic_centre: where the mosaic's quadrants meet, as fractions of the output side
             (uniform per axis).
+        mosaic_until: fraction of the training schedule that uses mosaics; after it the images
+            are plain again, so the model ends on what it is tested on (YOLO's "close mosaic").
+            Needs the ``progress`` the data module passes from the model; without it mosaics
+            never stop.
     """
 
     def __init__(
@@ -380,6 +384,7 @@ class DeviceAugmentation(nn.Module):
         crop_size: int | None = None,
         mosaic: float = 0.0,
         mosaic_centre: tuple[float, float] = (0.25, 0.75),
+        mosaic_until: float = 1.0,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -410,7 +415,10 @@ class DeviceAugmentation(nn.Module):
             raise ValueError(f"mosaic is a probability in [0, 1], got {mosaic}")
         if not 0.0 < mosaic_centre[0] <= mosaic_centre[1] < 1.0:
             raise ValueError(f"mosaic_centre must be a (low, high) range inside (0, 1), got {mosaic_centre}")
+        if not 0.0 < mosaic_until <= 1.0:
+            raise ValueError(f"mosaic_until is a fraction in (0, 1], got {mosaic_until}")
         self.mosaic, self.mosaic_centre = mosaic, tuple(mosaic_centre)
+        self.mosaic_until = mosaic_until
 
     def sample_geometry(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -468,6 +476,7 @@ class DeviceAugmentation(nn.Module):
         batch: dict[str, Any],
         generator: torch.Generator | None = None,
         params: GeometryParams | None = None,
+        progress: float | None = None,
     ) -> dict[str, Any]:
         """Augment (train) or letterbox (eval) a collated batch.
 
@@ -477,6 +486,7 @@ class DeviceAugmentation(nn.Module):
                 ``regions``, ``region_valid``), on any device.
             generator: CPU generator for reproducible randomness (default: global RNGs).
             params: fixed geometric parameters instead of random ones (tests, TTA).
+            progress: how far training is through its schedule (0 to 1), for ``mosaic_until``.
 
         Returns:
             A new dict with the other keys unchanged and ``image`` float ``[B, 3, S, S]`` in
@@ -509,7 +519,8 @@ class DeviceAugmentation(nn.Module):
         out["image"] = torch.where(inside, image.clamp(0.0, 1.0), image.new_tensor(self.fill))
         out.update(self._move_cells(batch, matrix, bounds))
         out["transform"] = matrix
-        if self.train_mode and self.mosaic > 0:
+        closed = progress is not None and progress >= self.mosaic_until
+        if self.train_mode and self.mosaic > 0 and not closed:
             tiles = sample_mosaic(self.mosaic, bounds, size, self.mosaic_centre, generator)
             out = apply_mosaic(out, tiles, self.min_visibility, self.min_size)
         return out
