@@ -100,6 +100,22 @@ def test_cut_cells_follow_visibility_and_size_rules() -> None:
         assert out["labels"][0][kept].tolist() == [0, 2, 0, 0]
 
 
+def test_data_without_attributes_or_cells_is_tiled() -> None:
+    batch = augmented_batch()
+    no_attributes = dict(batch, attributes=batch["attributes"][..., :0])
+    out = apply_mosaic(no_attributes, hand_params(), min_visibility=0.3, min_size=0.5)
+    assert out["attributes"].shape == (2, 5, 0) and out["labels"][0].tolist() == [0, 2, 0, 0, 0]
+    no_cells = dict(
+        batch,
+        boxes=batch["boxes"][:, :0],
+        labels=batch["labels"][:, :0],
+        attributes=batch["attributes"][:, :0],
+    )
+    out = apply_mosaic(no_cells, hand_params(), min_visibility=0.3, min_size=0.5)
+    assert out["boxes"].shape == (2, 0, 4) and out["labels"].shape == (2, 0)
+    assert out["region_valid"][0].sum() == 5
+
+
 def test_no_mosaic_row_is_the_identity() -> None:
     batch = augmented_batch()
     params = MosaicParams(

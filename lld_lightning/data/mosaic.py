@@ -167,14 +167,14 @@ def apply_mosaic(
         & (width >= min_size)
         & (height >= min_size)
     )
-    attributes = batch["attributes"][partners]  # [B, 4, M, A]
-    num_attributes = attributes.shape[-1]
-    row, column = keep.reshape(batch_size, -1).nonzero(as_tuple=True)  # row-major: rows sorted
+    attributes = batch["attributes"][partners]  # [B, 4, M, A]; A may be 0
+    cells = 4 * labels.shape[-1]
+    row, column = keep.reshape(batch_size, cells).nonzero(as_tuple=True)  # row-major: rows sorted
     packed = pack_per_image(
         {
-            "boxes": boxes.reshape(batch_size, -1, 4)[row, column],
-            "labels": labels.reshape(batch_size, -1)[row, column],
-            "attributes": attributes.reshape(batch_size, -1, num_attributes)[row, column],
+            "boxes": boxes.reshape(batch_size, cells, 4)[row, column],
+            "labels": labels.reshape(batch_size, cells)[row, column],
+            "attributes": attributes.reshape(batch_size, cells, attributes.shape[-1])[row, column],
         },
         row,
         batch_size,
