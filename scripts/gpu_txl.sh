@@ -65,7 +65,7 @@ if [[ " $PARTS " == *" txl "* ]]; then
   # instead of epochs, one process per recipe, all at once (each its own MINUTES of wall clock
   # on the shared GPU; give WORKERS=3 for four at once); validation every VAL_INTERVAL (DD:HH:MM:SS,
   # default a minute; longer than the run: only the final one) and once at the end, with
-  # FINAL_VAL_S seconds (default 20, about one validation on an H200) kept for the final one until
+  # FINAL_VAL_S seconds (default 20, read from idle stretches in an H200 run, not timed) kept for the final one until
   # a validation has been timed; test
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
