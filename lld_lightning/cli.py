@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
+from lld_lightning.machine import cpu_bf16_units
 from lld_lightning.module import LldModule
 from lld_lightning.predict_writer import PredictionWriter
 
@@ -36,7 +40,38 @@ class LldCLI(LightningCLI):
             parser.set_defaults({"verbose": False})
         return parser
 
+    def parse_arguments(self, parser, args) -> None:
+        # Kept for `_parse_ckpt_path`: which --model.* flags the user typed.
+        self._explicit_model_keys = explicit_model_keys(args if args is not None else sys.argv[1:])
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's hyperparameters, as Lightning loads them, except the ``--model.*``
+        flags given on the command line, which win.
+
+        Lightning (2.6) replaces the whole model config with the checkpoint's hyperparameters, so
+        ``lld test --ckpt_path C --model.nms_iou 0.7`` would silently test at the checkpoint's
+        NMS IoU (Lightning-AI/pytorch-lightning#21455 proposes the same precedence). Values from
+        ``--config`` files still lose to the checkpoint: a config whose architecture differs from
+        the checkpoint's cannot load its weights.
+        """
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        typed = {key: model[key] for key in getattr(self, "_explicit_model_keys", []) if model and key in model}
+        super()._parse_ckpt_path()
+        model = self.config[subcommand].get("model") if subcommand else None
+        for key, value in typed.items():
+            model[key] = value
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        if cpu_bf16_is_emulated(config):
+            rank_zero_warn(
+                f"lld: --trainer.precision {config['precision']} on a CPU without bf16 units (no "
+                "AVX512-BF16 or AMX), where torch emulates bf16: the training step measured 11.5x "
+                "slower than in fp32 (docs/benchmarks.md). Running in 32-true instead; set "
+                f"{KEEP_CPU_BF16}=1 to keep bf16."
+            )
+            config["precision"] = "32-true"
         root = config.get("default_root_dir") or "runs/default"
         if config.get("logger") in (None, True):
             config["logger"] = [TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv")]
@@ -46,6 +81,35 @@ class LldCLI(LightningCLI):
         ):
             config["callbacks"] = [*(config.get("callbacks") or []), RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+#: Environment variable that keeps a bf16 precision on a CPU without bf16 units.
+KEEP_CPU_BF16 = "LLD_CPU_BF16"
+
+
+def cpu_bf16_is_emulated(trainer_config: dict[str, Any]) -> bool:
+    """Whether the trainer config asks for bf16 on a CPU that would emulate it (`cpu_bf16_units`
+    is False) and ``LLD_CPU_BF16=1`` does not ask to keep it. The configs say ``bf16-mixed`` for
+    GPUs and bf16-capable CPUs; on an AVX2-only CPU it is an order of magnitude slower."""
+    precision = str(trainer_config.get("precision"))
+    if not precision.startswith("bf16") or os.environ.get(KEEP_CPU_BF16) == "1":
+        return False
+    accelerator = trainer_config.get("accelerator")
+    if accelerator in (None, "auto"):
+        on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    else:
+        on_cpu = accelerator == "cpu"
+    return on_cpu and cpu_bf16_units() is False
+
+
+def explicit_model_keys(args: Any) -> list[str]:
+    """The model arguments named by ``--model.<key>[.<sub>][=value]`` flags in a command line
+    (top-level keys, in order, once each); none for a dict or namespace of arguments."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    prefix = "--model."
+    keys = [str(a)[len(prefix):].split("=", 1)[0].split(".", 1)[0] for a in args if str(a).startswith(prefix)]
+    return list(dict.fromkeys(k for k in keys if k))
+
 
 def main(args: list[str] | None = None) -> LldCLI:
     """Run the CLI; a data error or a non-finite loss ends with a one-paragraph message (exit 2)."""

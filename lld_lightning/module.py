@@ -33,6 +33,10 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3, "roi_cls": 1.0, "roi_attributes": 0.3,
     "dfl": 0.25,
 }
+#: The module's hyperparameters that are `postprocess` settings (`LldModule.detections`).
+POSTPROCESS_SETTINGS: tuple[str, ...] = (
+    "score_threshold", "pre_nms_topk", "nms_iou", "max_detections", "max_containment", "quality_weight"
+)
 
 
 def keep_inside_regions(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> list[dict]:
@@ -98,8 +102,8 @@ class LldModule(L.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases and norm parameters).
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
-        score_threshold, pre_nms_topk, nms_iou, max_detections, max_containment: post-processing
-            (`postprocess`).
+        score_threshold, pre_nms_topk, nms_iou, max_detections, max_containment, quality_weight:
+            post-processing (`postprocess`; `lld_lightning.tune` measures them on a checkpoint).
         metrics_backend: ``pycocotools`` or ``faster_coco_eval`` for mAP.
         channels_last: run the detector in channels-last memory format (faster on GPUs).
         compile: wrap the detector in ``torch.compile``.
@@ -143,6 +147,7 @@ class LldModule(L.LightningModule):
         nms_iou: float = 0.6,
         max_detections: int = 100,
         max_containment: float | None = None,
+        quality_weight: float = 0.5,
         metrics_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         channels_last: bool = False,
         compile: bool = False,
@@ -209,29 +214,35 @@ class LldModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return (self._compiled or self.detector)(images, rois)
 
+    @property
+    def postprocess_settings(self) -> dict[str, Any]:
+        """This module's `postprocess` settings (its hyperparameters), by keyword."""
+        h = self.hparams
+        return {name: h[name] for name in POSTPROCESS_SETTINGS}
+
     def detections(
         self,
         outputs: dict[str, Any],
         image_size: tuple[int, int],
         classes_per_box: int = 1,
         one_per_cell: bool = False,
+        **overrides: Any,
     ) -> list[dict[str, torch.Tensor]]:
-        """Per-image detections from raw outputs, with this module's post-processing settings.
+        """Per-image detections from raw outputs, with this module's post-processing settings
+        (``overrides`` replaces some of them, e.g. ``nms_iou=0.7``; `lld_lightning.tune`).
 
         ``one_per_cell`` makes the dense head's post-processing class-agnostic (the region
         read-out always is); evaluation keeps every (cell, class) hypothesis, as COCO mAP wants.
         """
-        h = self.hparams
+        unknown = set(overrides) - set(POSTPROCESS_SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown post-processing settings {sorted(unknown)}; known: {POSTPROCESS_SETTINGS}")
         return self.detector.detections(
             outputs,
             image_size=image_size,
             classes_per_box=classes_per_box,
-            score_threshold=h.score_threshold,
-            pre_nms_topk=h.pre_nms_topk,
-            nms_iou=h.nms_iou,
-            max_detections=h.max_detections,
-            max_containment=h.max_containment,
             class_agnostic=one_per_cell,
+            **{**self.postprocess_settings, **overrides},
         )
 
     def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:

@@ -40,6 +40,7 @@ from rich.table import Table
 from torch import Tensor
 
 from lld_lightning.calibration import one_class_per_cell, region_counts, suggest, threshold_counts
+from lld_lightning.checkpoint_split import SPLITS, load_checkpoint_split
 from lld_lightning.data.sample import unbatch_targets
 from lld_lightning.data.transforms import transform_boxes
 from lld_lightning.module import LldModule
@@ -197,7 +198,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of the model to measure")
     parser.add_argument(
-        "--split", choices=["val", "test", "train"], default="val",
+        "--split", choices=SPLITS, default="val",
         help="train: the training images (with data.sparse_simulation also outside the regions)",
     )
     parser.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
@@ -219,35 +220,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure, print the table and the suggested ``class_thresholds``; returns the report."""
-    from lld_lightning.cli import LldCLI
-    from lld_lightning.data.datamodule import LldDataModule
-
     args, lld_args = parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        raise SystemExit(f"score_thresholds: no checkpoint at {args.ckpt_path}")
     thresholds = sorted(args.thresholds)
-    cli = LldCLI(
-        LldModule, LldDataModule, args=[*lld_args, "--trainer.logger", "false"], run=False
-    )
-    datamodule = cli.datamodule
-    datamodule.setup("test" if args.split == "test" else "fit")
-    loader = {
-        "val": datamodule.val_dataloader,
-        "test": datamodule.test_dataloader,
-        "train": lambda: datamodule.train_dataloader(shuffle=False),
-    }[args.split]()
-    model = LldModule.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    loaded = load_checkpoint_split(args.ckpt_path, lld_args, args.split, "score_thresholds")
+    model = loaded.model
     if args.teacher:
         load_teacher(model, args.ckpt_path)
-    if list(model.class_names) != list(datamodule.class_names):
-        raise SystemExit(
-            f"score_thresholds: the checkpoint's classes {list(model.class_names)} are not the "
-            f"data's {list(datamodule.class_names)}"
-        )
-    totals = measure(
-        model, loader, lambda b: datamodule.on_after_batch_transfer(b, 0), thresholds,
-        args.nms_iou, args.device,
-    )
+    totals = measure(model, loaded.loader, loaded.prepare, thresholds, args.nms_iou, args.device)
     names = list(model.class_names)
     report = {
         "checkpoint": args.ckpt_path,

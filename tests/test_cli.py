@@ -264,3 +264,39 @@ def test_score_thresholds_on_the_training_images_inside_and_outside_the_regions(
     assert inside["cells_total"] + outside["cells_total"] <= whole["cells_total"]
     assert sum(inside["detections"][0]) + sum(outside["detections"][0]) == sum(whole["detections"][0])
     assert "outside the labelled regions" in " ".join(capsys.readouterr().out.split())
+
+
+def test_explicit_model_keys_reads_typed_model_flags() -> None:
+    from lld_lightning.cli import explicit_model_keys
+
+    argv = ["test", "--config", "c.yaml", "--model.nms_iou", "0.7", "--model.loss_weights.cls=2",
+            "--data.batch_size", "4", "--model.nms_iou=0.5", "--ckpt_path", "x.ckpt"]
+    assert explicit_model_keys(argv) == ["nms_iou", "loss_weights"]
+    assert explicit_model_keys({"model": {"nms_iou": 0.7}}) == []
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from lld_lightning import cli as cli_module
+    from lld_lightning.cli import KEEP_CPU_BF16, LldCLI, cpu_bf16_is_emulated
+    from lld_lightning.data.datamodule import LldDataModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(KEEP_CPU_BF16, raising=False)
+    args = [*_args(tmp_path), "--trainer.precision", "bf16-mixed"]
+
+    def build() -> str:
+        return LldCLI(LldModule, LldDataModule, run=False, args=args).trainer.precision
+
+    monkeypatch.setattr(cli_module, "cpu_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="without bf16 units"):
+        assert build() == "32-true"
+    monkeypatch.setenv(KEEP_CPU_BF16, "1")
+    assert build() == "bf16-mixed"
+    monkeypatch.delenv(KEEP_CPU_BF16)
+    monkeypatch.setattr(cli_module, "cpu_bf16_units", lambda: True)
+    assert build() == "bf16-mixed"
+    monkeypatch.setattr(cli_module, "cpu_bf16_units", lambda: False)
+    assert not cpu_bf16_is_emulated({"precision": "bf16-mixed", "accelerator": "cuda"})
+    assert not cpu_bf16_is_emulated({"precision": "32-true", "accelerator": "cpu"})
+    assert cpu_bf16_is_emulated({"precision": "bf16-true", "accelerator": "cpu"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lld_lightning.models import PostProcessor, build_detector, postprocess
@@ -183,3 +184,32 @@ def test_runs_on_real_detector_outputs() -> None:
         assert (result["boxes"][:, 2] <= width).all() and (result["boxes"][:, 3] <= height).all()
         assert (result["scores"][:-1] >= result["scores"][1:]).all()
         assert result["attributes"].shape == (7, 1)
+
+
+def test_detection_scores_weigh_class_and_quality() -> None:
+    from lld_lightning.models.postprocess import detection_scores
+
+    cls_logits = torch.tensor([[[_logit(0.81), _logit(0.25)]]])  # [1, 1, 2]
+    quality_logits = torch.tensor([[_logit(0.36)]])
+    assert torch.allclose(detection_scores(cls_logits, quality_logits), torch.tensor([[[0.54, 0.3]]]))
+    assert torch.allclose(detection_scores(cls_logits, quality_logits, 0.0), torch.tensor([[[0.81, 0.25]]]))
+    assert torch.allclose(detection_scores(cls_logits, quality_logits, 1.0), torch.tensor([[[0.36, 0.36]]]))
+    expected = torch.tensor([[[0.81**0.75 * 0.36**0.25, 0.25**0.75 * 0.36**0.25]]])
+    assert torch.allclose(detection_scores(cls_logits, quality_logits, 0.25), expected)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="quality_weight"):
+            detection_scores(cls_logits, quality_logits, bad)
+
+
+def test_quality_weight_reorders_the_detections() -> None:
+    # Location 0: sure class, poor quality; location 1: doubtful class, good quality.
+    outputs = _outputs(1, [[20.0, 20.0], [60.0, 60.0]], num_classes=1, attribute_spec={})
+    outputs["cls_logits"][0, :, 0] = torch.tensor([_logit(0.9), _logit(0.4)])
+    outputs["quality_logits"][0] = torch.tensor([_logit(0.1), _logit(0.9)])
+    by_class = postprocess(outputs, score_threshold=0.0, quality_weight=0.0)[0]
+    by_quality = postprocess(outputs, score_threshold=0.0, quality_weight=1.0)[0]
+    assert torch.allclose(by_class["scores"], torch.tensor([0.9, 0.4]))
+    assert torch.allclose(by_quality["scores"], torch.tensor([0.9, 0.1]))
+    assert by_class["boxes"][0, 0] < by_quality["boxes"][0, 0]  # location 0 first, then 1 first
+    assert PostProcessor(score_threshold=0.0, quality_weight=1.0)(outputs)[0]["scores"].tolist() == \
+        by_quality["scores"].tolist()

@@ -26,6 +26,7 @@ from torchvision.ops import (
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
 from lld_lightning.models.assign import TASK_ALIGNED_TOP_K, assign_locations, assign_task_aligned
 from lld_lightning.models.detector import decode_boxes, encode_boxes
+from lld_lightning.models.postprocess import detection_scores
 
 LossMode = Literal["masked", "naive"]
 BoxLossName = Literal["giou", "ciou", "diou"]
@@ -245,8 +246,7 @@ class SparseDetectionLoss(nn.Module):
         if self.assigner == "task_aligned":
             with torch.no_grad():
                 pred_boxes = decode_boxes(points, strides, outputs["box_deltas"].float())
-                quality = outputs["quality_logits"].float().sigmoid()[..., None]
-                pred_scores = torch.sqrt(cls_logits.sigmoid() * quality)  # as `postprocess`
+                pred_scores = detection_scores(cls_logits, outputs["quality_logits"])  # as `postprocess`
             matched = assign_task_aligned(
                 points, gt_boxes, labels, labels != IGNORE_INDEX, pred_boxes=pred_boxes,
                 pred_scores=pred_scores, top_k=self.top_k, **mask,

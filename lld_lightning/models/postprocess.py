@@ -73,6 +73,25 @@ def _attribute_readout(
     )
 
 
+def detection_scores(
+    cls_logits: torch.Tensor, quality_logits: torch.Tensor, quality_weight: float = 0.5
+) -> torch.Tensor:
+    """Float32 ``[B, P, C]`` detection scores ``sigmoid(cls) ** (1 - w) * sigmoid(quality) ** w``
+    from ``cls_logits [B, P, C]`` and ``quality_logits [B, P]``, ``w = quality_weight``.
+
+    The default 0.5 is the geometric mean ``sqrt(sigmoid(cls) * sigmoid(quality))``; 0 ranks by
+    the class probability alone (with ``cls_loss: quality_focal`` that is itself an IoU
+    estimate), 1 by the quality alone.
+    """
+    if not 0.0 <= quality_weight <= 1.0:
+        raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
+    probability = cls_logits.float().sigmoid()
+    quality = quality_logits.float().sigmoid().unsqueeze(-1)  # [B, P, 1]
+    if quality_weight == 0.5:
+        return torch.sqrt(probability * quality)
+    return probability.pow(1.0 - quality_weight) * quality.pow(quality_weight)
+
+
 def postprocess(
     outputs: dict[str, Any],
     score_threshold: float = 0.05,
@@ -82,6 +101,7 @@ def postprocess(
     image_size: tuple[int, int] | torch.Tensor | None = None,
     class_agnostic: bool = False,
     max_containment: float | None = None,
+    quality_weight: float = 0.5,
 ) -> list[Detections]:
     """Turn the detector's output dict into detections, one dict per image.
 
@@ -104,18 +124,19 @@ def postprocess(
             after NMS and the ``max_detections`` cap. IoU-NMS keeps a partial box nested in a
             cell's box (their IoU is the area ratio, often < 0.5); cells in a film do not nest.
             ``None`` (default) keeps them.
+        quality_weight: how the class probability and the localisation quality make the score
+            (`detection_scores`; 0.5, the default, is their geometric mean).
 
     Returns:
         Per image, sorted by descending score: ``boxes`` float ``[N, 4]`` xyxy pixels,
-        ``scores`` float ``[N]`` = sqrt(sigmoid(cls) * sigmoid(quality)), ``labels`` int64
+        ``scores`` float ``[N]`` (`detection_scores`), ``labels`` int64
         ``[N]``, ``attributes`` int64 ``[N, A]`` (argmax per attribute, spec order, at the
         detection's location), ``attribute_scores`` float ``[N, A]`` (its softmax probability).
     """
-    cls_logits = outputs["cls_logits"].float()
+    cls_logits = outputs["cls_logits"]
     batch, num_points, num_classes = cls_logits.shape
     device = cls_logits.device
-    quality = outputs["quality_logits"].float().sigmoid().unsqueeze(-1)  # [B, P, 1]
-    scores = torch.sqrt(cls_logits.sigmoid() * quality)  # [B, P, C]
+    scores = detection_scores(cls_logits, outputs["quality_logits"], quality_weight)  # [B, P, C]
     if class_agnostic:  # one hypothesis per location: its best class
         best_scores, best_labels = scores.max(dim=-1)  # [B, P]
         k = min(pre_nms_topk, num_points)
@@ -245,6 +266,7 @@ class PostProcessor:
         max_detections: see `postprocess`.
         class_agnostic: see `postprocess`.
         max_containment: see `postprocess`.
+        quality_weight: see `postprocess`.
     """
 
     score_threshold: float = 0.05
@@ -253,6 +275,7 @@ class PostProcessor:
     max_detections: int = 100
     class_agnostic: bool = False
     max_containment: float | None = None
+    quality_weight: float = 0.5
 
     def __call__(
         self,
@@ -269,4 +292,5 @@ class PostProcessor:
             image_size=image_size,
             class_agnostic=self.class_agnostic,
             max_containment=self.max_containment,
+            quality_weight=self.quality_weight,
         )
