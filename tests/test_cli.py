@@ -244,6 +244,12 @@ def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkey
     assert "PseudoLabeller class_thresholds" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no checkpoint at"):
         score_thresholds(["--ckpt_path", str(fitted / "missing.ckpt"), *_args(fitted)])
+    # the test split is one loader per domain, read one after the other
+    test_split = score_thresholds([
+        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--split", "test",
+        "--thresholds", "0.0", *_args(fitted),
+    ])
+    assert test_split["split"] == "test" and test_split["cells_total"] > 0
 
 
 def test_score_thresholds_on_the_training_images_inside_and_outside_the_regions(
