@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 # Exact pins for the machines we test on (the package itself takes ranges).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark sparse-study clean
+.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark sparse-study gpu-prep clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,18 @@ benchmark: install       ## speed/memory vs torchvision FCOS with the same backb
 
 sparse-study: install    ## full / naive / masked / masked+teacher / masked+self-training, writes docs/results/sparse.md
 	$(PY) -m lld_lightning.study $(STUDY_ARGS)
+
+# What scripts/gpu_txl.sh and gpu_benchmark.sh need on a device machine without network: the
+# wheels its image lacks, for its Python (DEVICE_PY), in .whl/, and TXL-PBC in .txl/txl_pbc
+# (both git-ignored; the device tool's `carry` takes them: [".whl", ".txl"]).
+DEVICE_PY ?= 3.12
+DEVICE_WHEELS ?= kornia==0.9.0 kornia_rs pycocotools jsonargparse rich markdown-it-py mdurl pygments \
+	docstring_parser typeshed_client faster-coco-eval
+gpu-prep:                ## wheels (.whl/) and TXL-PBC (.txl/) for the GPU scripts (docs/benchmarks.md)
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-d .whl $(DEVICE_WHEELS)
+	mkdir -p .txl && rm -rf .txl/txl_pbc && cp -r ../shared/data/txl_pbc .txl/txl_pbc
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -8,10 +8,12 @@ The data comes from `lld`'s own arguments (``--config``, ``--data.*``), so it is
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest.mock import patch
 
 from lld_lightning.module import LldModule
 
@@ -69,7 +71,9 @@ def load_checkpoint_split(ckpt_path: str, lld_args: list[str], split: Split, pro
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"{prog}: no checkpoint at {ckpt_path}")
-    cli = LldCLI(LldModule, LldDataModule, args=[*lld_args, "--trainer.logger", "false"], run=False)
+    # The command's own argv is not LightningCLI's (it warns when it sees both).
+    with patch.object(sys, "argv", sys.argv[:1]):
+        cli = LldCLI(LldModule, LldDataModule, args=[*lld_args, "--trainer.logger", "false"], run=False)
     datamodule = cli.datamodule
     datamodule.setup("test" if split == "test" else "fit")
     if split == "test":

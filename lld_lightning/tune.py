@@ -9,11 +9,15 @@ and `DomainMetrics` that ``lld validate`` uses. So the row of the checkpoint's o
 test split is for reporting, and settings picked on it overstate the test numbers::
 
     python -m lld_lightning.tune --ckpt_path runs/txl/checkpoints/best.ckpt --config configs/txl.yaml \\
-        --nms-iou 0.5 0.6 0.7 --quality-weight 0 0.5 1 --out runs/txl/tune.json
+        --score-threshold 0.001 0.05 --out runs/txl/tune.json
+
+By default NMS IoU 0.5 / 0.6 / 0.7 / 0.8 times quality weight 0 / 0.25 / 0.5 / 0.75 (16
+combinations) are measured; an axis not given (score threshold, detection cap, containment) keeps
+the checkpoint's value.
 
 Everything that is not one of this command's own flags goes to `lld` (``--config``, ``--data.*``)
 and only builds the data; the model comes from the checkpoint. The kept outputs take about
-``images x locations x (classes + attribute values + 5) x 4`` bytes (160 MB for TXL-PBC's 288
+``images x locations x (classes + attribute values + 5) x 4`` bytes (by that count 160 MB for TXL-PBC's 288
 validation images at 416 px); with a region read-out the feature maps are kept too.
 """
 
@@ -145,13 +149,23 @@ def _label(settings: dict[str, Any], current: dict[str, Any]) -> str:
     ) or "(the checkpoint's settings)"
 
 
+#: Short column names of the settings in the table.
+SHORT_NAMES: dict[str, str] = {
+    "score_threshold": "score >", "nms_iou": "NMS IoU", "quality_weight": "quality w",
+    "max_detections": "max det", "max_containment": "contain",
+}
+
+
 def render(report: dict[str, Any], show: int) -> Table:
-    """Rich table of the ``show`` best rows (and the checkpoint's own), best first."""
+    """Rich table of the ``show`` best rows (and the checkpoint's own), best first. Settings
+    that are the same in every row are named in the title instead of a column."""
     rows, metric = report["rows"], report["metric"]
+    varied = [name for name in TUNED if len({repr(row["settings"][name]) for row in rows}) > 1]
+    fixed = ", ".join(f"{name} {rows[0]['settings'][name]}" for name in TUNED if name not in varied)
     table = Table(title=f"{report['checkpoint']}: post-processing on the {report['split']} split "
-                  f"({report['images']} images), ranked by {metric}")
-    for name in ("rank", *TUNED, "mAP", "mAP@.5", "mAP@.75", *(f"AP {c}" for c in report["classes"]),
-                 "attr F1"):
+                  f"({report['images']} images), ranked by {metric}" + (f"; {fixed}" if fixed else ""))
+    for name in ("rank", *(SHORT_NAMES[n] for n in varied), "mAP", "mAP@.5", "mAP@.75",
+                 *(f"AP {c}" for c in report["classes"]), "attr F1"):
         table.add_column(name, justify="right")
     for rank, row in enumerate(rows, start=1):
         if rank > show and not row["current"]:
@@ -159,7 +173,7 @@ def render(report: dict[str, Any], show: int) -> Table:
         r = row["results"]
         table.add_row(
             f"{rank}{' (current)' if row['current'] else ''}",
-            *(str(row["settings"][name]) for name in TUNED),
+            *(str(row["settings"][name]) for name in varied),
             *(_fmt(r.get(key)) for key in ("all/map", "all/map_50", "all/map_75")),
             *(_fmt(r.get(f"all/ap/{c}")) for c in report["classes"]),
             _fmt(r.get("all/attr/mean_f1")),
@@ -185,14 +199,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m lld_lightning.tune",
         description=__doc__.splitlines()[0],
-        epilog="Other arguments (--config, --data.*) build the data as for `lld`. An axis left "
-        "out keeps the checkpoint's value.",
+        epilog="Other arguments (--config, --data.*) build the data as for `lld`. The score "
+        "threshold, detection cap and containment keep the checkpoint's value unless given.",
     )
     parser.add_argument("--ckpt_path", required=True, help="checkpoint of the model to tune")
     parser.add_argument("--split", choices=SPLITS, default="val")
-    parser.add_argument("--score-threshold", nargs="+", type=float, default=[0.001, 0.01, 0.05])
-    parser.add_argument("--nms-iou", nargs="+", type=float, default=[0.5, 0.6, 0.7])
-    parser.add_argument("--quality-weight", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--score-threshold", nargs="+", type=float, default=[])
+    parser.add_argument("--nms-iou", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument(
+        "--quality-weight", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75],
+        help="1 ranks by the quality alone, which is the same for every class of a location",
+    )
     parser.add_argument("--max-detections", nargs="+", type=int, default=[])
     parser.add_argument(
         "--max-containment", nargs="+", type=_containment, default=[],
@@ -245,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     console = Console()
+    if not console.is_terminal:  # a log file: wide enough for every column
+        console = Console(width=max(console.width, 160))
     console.print(render(report, args.show))
     best, mine = rows[0], next(row for row in rows if row["current"])
     console.print(render_metrics_table(

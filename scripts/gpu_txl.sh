@@ -13,6 +13,8 @@
 #   WORKERS=3 RECIPES="base16|--data.batch_size 16 --model.cls_loss focal;b64|--data.batch_size 64" PARTS=txl ...
 #                                 # several recipes at once on the one GPU ("name|lld args;...")
 #   LAYOUT=auto PARTS=txl ...     # first time a step in both memory layouts, keep the faster
+#   TUNE=1 PARTS=txl ...          # after each test: post-processing chosen on val
+#                                 # (python -m lld_lightning.tune $TUNE_ARGS), and the test again with it
 #   WHEELS=0 MINUTES=0.3 STUDY_MINUTES=0.3 WORKERS=2 scripts/gpu_txl.sh   # dry run on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +74,7 @@ if [[ " $PARTS " == *" txl "* ]]; then
   # TimeBudget and checkpoint folder; box_bins 17 comes from configs/txl.yaml, add
   # "--model.box_bins 0" for the direct distances of the runs before 2026-11-27 noon); "base16"
   # reproduces the first 4-minute run (2026-11-26).
-  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.fpn_channels 128 --model.head_convs 2 --model.backbone resnet34 --model.cls_loss quality_focal --trainer.benchmark true"}
+  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.fpn_channels 128 --model.head_convs 2 --model.backbone resnet34 --model.cls_loss quality_focal --trainer.benchmark true --model.metrics_backend faster_coco_eval"}
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>/dev/null &
   smi=$!
   pids=()
@@ -96,6 +98,17 @@ if [[ " $PARTS " == *" txl "* ]]; then
         --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
       cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_test_metrics.csv" 2>/dev/null
       cp "$(ls "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_fit_metrics.csv" 2>/dev/null
+      if [[ "${TUNE:-0}" == 1 ]]; then
+        # Post-processing chosen on the val split (lld_lightning.tune), then the test with it.
+        python3 -m lld_lightning.tune --ckpt_path "$RUN/checkpoints/best.ckpt" --backend faster_coco_eval \
+          --out "$OUT/${name}_tune.json" ${TUNE_ARGS:-} --config configs/txl.yaml --data.root "$ROOT" \
+          --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" > "$OUT/${name}_tune.log" 2>&1
+        read -ra tuned < <(python3 -c 'import json, sys; f = json.load(open(sys.argv[1]))["rows"][0]["flags"]; print("" if f.startswith("(") else f)' "$OUT/${name}_tune.json")
+        python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
+          --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
+          --trainer.default_root_dir "$RUN/tuned" --ckpt_path "$RUN/checkpoints/best.ckpt" "${tuned[@]}" \
+          > "$OUT/${name}_test_tuned.log" 2>&1
+      fi
     ) &
     pids+=($!)
   done
@@ -106,6 +119,10 @@ if [[ " $PARTS " == *" txl "* ]]; then
     echo "== $name: ${recipe#*|}"
     grep -h "time budget\]" "$OUT/${name}_fit.log"
     grep -A12 "per-domain results" "$OUT/${name}_test.log" | grep -E "all|BCCD|BCDD|PBC|Raabin"
+    if [[ -f "$OUT/${name}_test_tuned.log" ]]; then
+      grep -h "^best" "$OUT/${name}_tune.log"
+      grep -A12 "per-domain results" "$OUT/${name}_test_tuned.log" | grep -E "all|BCCD|BCDD|PBC|Raabin"
+    fi
   done
   echo "[gpu_txl] txl part ${SECONDS}s"
 fi

@@ -67,6 +67,7 @@ def test_gpu_overlay_builds_a_time_budgeted_four_minute_run(tmp_path: Path,
     assert len(checkpoints) == 1 and checkpoints[0].monitor == "val/map"
     assert cli.trainer._val_check_time_interval == 60
     assert cli.model.hparams.backbone == "resnet34" and cli.model.hparams.cls_loss == "quality_focal"
+    assert cli.model.hparams.metrics_backend == "faster_coco_eval"
     assert cli.model.hparams.box_bins == 17 and cli.model.detector.head.box_bins == 17
     assert cli.datamodule.hparams.batch_size == 64 and cli.datamodule.hparams.image_size == 640
     # Everything else still comes from txl.yaml.
