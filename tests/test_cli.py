@@ -307,3 +307,21 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32(tmp_path: Path,
     assert not cpu_bf16_is_emulated({"precision": "bf16-mixed", "accelerator": "cuda"})
     assert not cpu_bf16_is_emulated({"precision": "32-true", "accelerator": "cpu"})
     assert cpu_bf16_is_emulated({"precision": "bf16-true", "accelerator": "cpu"})
+
+
+def test_tune_with_the_region_read_out_matches_lld_validate(fitted: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # tiny.yaml's model reads classes and attributes over each box (roi_readout): the kept
+    # outputs then include the feature maps and images the read-out crops from.
+    from lld_lightning.tune import main as tune
+
+    monkeypatch.chdir(fitted)
+    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    report = tune(["--ckpt_path", ckpt, "--nms-iou", "0.6", "0.4", "--quality-weight", "0.5", *_args(fitted)])
+    assert len(report["rows"]) == 2
+    for row in report["rows"]:
+        flags = [] if row["current"] else row["flags"].split()
+        logged = main(["validate", *_args(fitted), "--ckpt_path", ckpt, "--trainer.limit_val_batches", "1.0",
+                       *flags]).trainer.callback_metrics
+        for key in ("map", "map_50", "attr/mean_f1"):
+            assert float(logged[f"val/{key}"]) == pytest.approx(row["results"][f"all/{key}"], abs=1e-6)
