@@ -165,6 +165,8 @@ class LldModule(L.LightningModule):
         unknown = set(loss_weights) - set(LOSS_TERMS)
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(LOSS_TERMS)}")
+        if not 0.0 <= quality_weight <= 1.0:  # checked here, not at the first validation
+            raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
         out_indices = list(out_indices) if out_indices is not None else [2, 3, 4]
         # Saved after resolving the defaults above, so a checkpoint reloads to exactly this model.
         self.save_hyperparameters()

@@ -251,7 +251,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "results": results,
         })
     key = METRICS[args.metric]
-    rows.sort(key=lambda row: -row["results"].get(key, -1.0))
+    # Best first; among equal results the checkpoint's own settings, then the fewest changes, so
+    # that a change is only suggested when it measures better.
+    rows.sort(key=lambda row: (
+        -row["results"].get(key, -1.0), not row["current"],
+        sum(row["settings"][name] != current[name] for name in TUNED),
+    ))
     report = {
         "checkpoint": args.ckpt_path,
         "split": args.split,

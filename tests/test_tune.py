@@ -88,7 +88,10 @@ def test_grid_is_every_combination_and_keeps_the_current_settings() -> None:
     assert len(grid({"nms_iou": [0.6, 0.7]}, current)) == 2
 
 
-def test_detections_refuse_unknown_settings() -> None:
+def test_bad_post_processing_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="quality_weight"):
+        LldModule(num_classes=1, class_names=["cell"], attribute_spec={}, backbone="test_resnet",
+                  fpn_channels=16, head_convs=1, quality_weight=1.5)
     model, batches = _hand_worked()
     with pytest.raises(ValueError, match="unknown post-processing settings"):
         model.detections(batches[0].outputs, (100, 100), nms_threshold=0.5)
@@ -121,6 +124,8 @@ def test_tune_rows_match_lld_validate(dense_fit: tuple[Path, list[str]], monkeyp
     assert sum(row["current"] for row in rows) == 1
     maps = [row["results"]["all/map"] for row in rows]
     assert maps == sorted(maps, reverse=True)
+    ties = [row for row in rows if row["results"]["all/map"] == maps[0]]
+    assert rows[0] is min(ties, key=lambda row: (not row["current"], row["flags"].count("--model.")))
     assert json.loads(out.read_text())["rows"][0]["settings"] == rows[0]["settings"]
     printed = " ".join(capsys.readouterr().out.split())
     assert "ranked by map" in printed and "the best row, per domain" in printed
