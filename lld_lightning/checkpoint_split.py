@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from unittest.mock import patch
 
 from lld_lightning.module import LldModule
@@ -42,7 +42,6 @@ class CheckpointSplit:
 
     Attributes:
         model: the checkpoint's `LldModule`, on the CPU, in eval mode.
-        datamodule: the `LldDataModule` built from the ``lld`` arguments, set up for the split.
         loader: the split's batches (the test split's domains one after the other).
         prepare: a batch on the model's device -> the batch as evaluation sees it (the data
             module's `on_after_batch_transfer`: the evaluation letterbox, or the training
@@ -51,7 +50,6 @@ class CheckpointSplit:
     """
 
     model: LldModule
-    datamodule: Any
     loader: Iterable
     prepare: Callable[[dict], dict]
     domains: list[str]
@@ -93,7 +91,6 @@ def load_checkpoint_split(ckpt_path: str, lld_args: list[str], split: Split, pro
         )
     return CheckpointSplit(
         model=model,
-        datamodule=datamodule,
         loader=loader,
         prepare=lambda batch: datamodule.on_after_batch_transfer(batch, 0),
         domains=domains,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -73,16 +74,6 @@ class EvaluatedBatch:
     domains: list[str]
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def collect(model: LldModule, loader: Any, prepare: Any, device: str = "cpu") -> list[EvaluatedBatch]:
     """Run ``model`` once over ``loader`` (batches through ``prepare``) and keep what evaluating
     it needs, on the CPU."""
@@ -94,9 +85,9 @@ def collect(model: LldModule, loader: Any, prepare: Any, device: str = "cpu") ->
             outputs = model(batch["image"])
             batches.append(
                 EvaluatedBatch(
-                    outputs=_to_cpu({k: v for k, v in outputs.items() if k in KEPT_OUTPUTS}),
+                    outputs=move_data_to_device({k: v for k, v in outputs.items() if k in KEPT_OUTPUTS}, "cpu"),
                     image_size=tuple(int(s) for s in batch["image"].shape[-2:]),
-                    targets=_to_cpu(unbatch_targets(batch)),
+                    targets=move_data_to_device(unbatch_targets(batch), "cpu"),
                     domains=list(batch["domain"]),
                 )
             )

@@ -177,6 +177,10 @@ def test_typed_model_flags_win_over_the_checkpoint(dense_fit: tuple[Path, list[s
     ckpt = str(workdir / "ckpt" / "last.ckpt")
     plain = lld(["validate", *args, "--ckpt_path", ckpt])
     assert plain.model.hparams.nms_iou == 0.55  # the checkpoint's, not tiny.yaml's default 0.6
+    overlay = workdir / "nms.yaml"
+    overlay.write_text("model:\n  nms_iou: 0.65\n")
+    from_file = lld(["validate", *args, "--config", str(overlay), "--ckpt_path", ckpt])
+    assert from_file.model.hparams.nms_iou == 0.55  # a --config file's value still loses
     typed = lld(["validate", *args, "--ckpt_path", ckpt, "--model.nms_iou=0.7", "--model.quality_weight", "0.25"])
     assert typed.model.hparams.nms_iou == 0.7 and typed.model.hparams.quality_weight == 0.25
     assert typed.model.hparams.fpn_channels == 32 and typed.model.hparams.roi_readout is False

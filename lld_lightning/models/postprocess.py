@@ -87,7 +87,7 @@ def detection_scores(
         raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
     probability = cls_logits.float().sigmoid()
     quality = quality_logits.float().sigmoid().unsqueeze(-1)  # [B, P, 1]
-    if quality_weight == 0.5:
+    if quality_weight == 0.5:  # the scores every earlier run had, bit for bit (two pows differ by ULPs)
         return torch.sqrt(probability * quality)
     return probability.pow(1.0 - quality_weight) * quality.pow(quality_weight)
 
