@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -41,13 +43,14 @@ class LldCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser, args) -> None:
-        # Kept for `_parse_ckpt_path`: which --model.* flags the user typed.
+        # Kept for `_parse_ckpt_path`: which model arguments the user typed.
         self._explicit_model_keys = explicit_model_keys(args if args is not None else sys.argv[1:])
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
-        """The checkpoint's hyperparameters, as Lightning loads them, except the ``--model.*``
-        flags given on the command line, which win.
+        """The checkpoint's hyperparameters, as Lightning loads them, except the model arguments
+        the command line names (``--model.*`` flags, or a whole ``--model`` mapping or file),
+        which win.
 
         Lightning (2.6) replaces the whole model config with the checkpoint's hyperparameters, so
         ``lld test --ckpt_path C --model.nms_iou 0.7`` would silently test at the checkpoint's
@@ -102,13 +105,35 @@ def cpu_bf16_is_emulated(trainer_config: dict[str, Any]) -> bool:
 
 
 def explicit_model_keys(args: Any) -> list[str]:
-    """The model arguments named by ``--model.<key>[.<sub>][=value]`` flags in a command line
-    (top-level keys, in order, once each); none for a dict or namespace of arguments."""
+    """The model arguments a command line names itself (top-level keys, in order, once each):
+    ``--model.<key>[.<sub>][=value]`` flags, and the keys of a whole ``--model VALUE`` (a YAML or
+    JSON mapping, or a file holding one); none for a dict or namespace of arguments."""
     if not isinstance(args, (list, tuple)):
         return []
-    prefix = "--model."
-    keys = [str(a)[len(prefix):].split("=", 1)[0].split(".", 1)[0] for a in args if str(a).startswith(prefix)]
+    args = [str(a) for a in args]
+    keys: list[str] = []
+    for index, arg in enumerate(args):
+        if arg.startswith("--model."):
+            keys.append(arg[len("--model."):].split("=", 1)[0].split(".", 1)[0])
+        elif arg.startswith("--model="):
+            keys.extend(_mapping_keys(arg[len("--model="):]))
+        elif arg == "--model" and index + 1 < len(args):
+            keys.extend(_mapping_keys(args[index + 1]))
     return list(dict.fromkeys(k for k in keys if k))
+
+
+def _mapping_keys(value: str) -> list[str]:
+    """Top-level keys of a ``--model`` value: a mapping written out, or a YAML/JSON file of one
+    (``init_args`` of a ``class_path`` form); none for anything else, which the parser reports."""
+    try:
+        path = Path(value)
+        text = path.read_text() if path.is_file() else value
+        mapping = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if isinstance(mapping, dict) and "class_path" in mapping:
+        mapping = mapping.get("init_args") or {}
+    return [str(key) for key in mapping] if isinstance(mapping, dict) else []
 
 
 def main(args: list[str] | None = None) -> LldCLI:

@@ -282,6 +282,22 @@ def test_explicit_model_keys_reads_typed_model_flags() -> None:
     assert explicit_model_keys({"model": {"nms_iou": 0.7}}) == []
 
 
+def test_explicit_model_keys_reads_a_whole_model_mapping(tmp_path: Path) -> None:
+    from lld_lightning.cli import explicit_model_keys
+
+    assert explicit_model_keys(["test", "--model", '{"nms_iou": 0.7, "max_detections": 50}']) == [
+        "nms_iou", "max_detections"]
+    assert explicit_model_keys(["--model={quality_weight: 0.25}", "--model.nms_iou", "0.6"]) == [
+        "quality_weight", "nms_iou"]
+    file = tmp_path / "model.yaml"
+    file.write_text("class_path: lld_lightning.module.LldModule\ninit_args:\n  score_threshold: 0.1\n")
+    assert explicit_model_keys(["--model", str(file)]) == ["score_threshold"]
+    # Not a mapping, unreadable, or no value: nothing (the parser reports what it cannot use).
+    assert explicit_model_keys(["--model", "[1, 2]"]) == []
+    assert explicit_model_keys(["--model", "{unclosed"]) == []
+    assert explicit_model_keys(["--model"]) == []
+
+
 def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from lld_lightning import cli as cli_module

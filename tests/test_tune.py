@@ -184,3 +184,6 @@ def test_typed_model_flags_win_over_the_checkpoint(dense_fit: tuple[Path, list[s
     typed = lld(["validate", *args, "--ckpt_path", ckpt, "--model.nms_iou=0.7", "--model.quality_weight", "0.25"])
     assert typed.model.hparams.nms_iou == 0.7 and typed.model.hparams.quality_weight == 0.25
     assert typed.model.hparams.fpn_channels == 32 and typed.model.hparams.roi_readout is False
+    whole = lld(["validate", *args, "--ckpt_path", ckpt, "--model", '{"nms_iou": 0.75}'])
+    assert whole.model.hparams.nms_iou == 0.75  # a whole --model mapping typed there wins too
+    assert whole.model.hparams.fpn_channels == 32
