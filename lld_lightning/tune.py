@@ -81,7 +81,7 @@ def collect(model: LldModule, loader: Any, prepare: Any, device: str = "cpu") ->
     batches = []
     with torch.no_grad():
         for batch in track(loader, description="detector outputs"):
-            batch = prepare({k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+            batch = prepare(move_data_to_device(batch, device))
             outputs = model(batch["image"])
             batches.append(
                 EvaluatedBatch(
