@@ -24,10 +24,10 @@ test-all: install        ## everything that runs on CPU, slow tests included
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: install
-	$(VENV)/bin/ruff check lld_lightning tests
+	$(VENV)/bin/ruff check lld_lightning research scripts tests
 
 format: install
-	$(VENV)/bin/ruff format lld_lightning tests
+	$(VENV)/bin/ruff format lld_lightning research scripts tests
 
 smoke: install           ## seconds: tiny synthetic fit + test
 	$(LLD) fit --config configs/tiny.yaml
@@ -50,10 +50,10 @@ txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/checkpoints/best.ckpt
 
 benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 2-3 min on 2 CPU cores)
-	$(PY) -m lld_lightning.benchmark $(BENCHMARK_ARGS)
+	$(PY) -m lld_lightning.tools.benchmark $(BENCHMARK_ARGS)
 
-sparse-study: install    ## full / naive / masked / masked+teacher / masked+self-training, writes docs/results/sparse.md
-	$(PY) -m lld_lightning.study $(STUDY_ARGS)
+sparse-study: install    ## full / naive / masked / masked+teacher / masked+self-training, writes runs/study/sparse.md
+	$(PY) -m research.study $(STUDY_ARGS)
 
 # What scripts/gpu_txl.sh and gpu_benchmark.sh need on a device machine without network: the
 # wheels its image lacks, for its Python (DEVICE_PY), in .whl/, and TXL-PBC in .txl/txl_pbc

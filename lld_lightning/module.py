@@ -2,115 +2,63 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
 from lld_lightning.data.sample import Batch, unbatch_targets
 from lld_lightning.data.transforms import invert_boxes
-from lld_lightning.ema import WeightEma
 from lld_lightning.losses import SparseDetectionLoss
-from lld_lightning.metrics import DomainMetrics, render_metrics_table
-from lld_lightning.models import build_detector
-from lld_lightning.models.roi_head import training_rois
+from lld_lightning.metrics import DomainMetrics, keep_inside_regions, render_metrics_table
+from lld_lightning.models import Detector, PostProcess
+from lld_lightning.models.postprocess import Detections
 
-#: The loss terms that are weighted and summed into the training loss.
-LOSS_TERMS: tuple[str, ...] = (
-    "cls", "box", "quality", "attributes", "roi_cls", "roi_attributes", "dfl"
-)
-#: The attribute term sums one cross-entropy per attribute (7 for LLD), so at weight 1 it dwarfs the
-#: class term and slowed class learning: 0.3 doubled val mAP@.5 after 525 steps on the synthetic
-#: sparse data at the same attribute F1 (docs/loss.md).
-#: The region read-out's terms (0 without one) follow the same rule. The distribution focal loss
-#: (0 without ``box_bins``) takes GFL's weight beside its IoU loss at 2.
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
-    "cls": 1.0, "box": 2.0, "quality": 1.0, "attributes": 0.3, "roi_cls": 1.0, "roi_attributes": 0.3,
-    "dfl": 0.25,
-}
-#: The module's hyperparameters that are `postprocess` settings (`LldModule.detections`).
-POSTPROCESS_SETTINGS: tuple[str, ...] = (
-    "score_threshold", "pre_nms_topk", "nms_iou", "max_detections", "max_containment", "quality_weight"
-)
-
-
-def keep_inside_regions(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> list[dict]:
-    """Drop detections whose centre lies outside every annotated region of their image.
-
-    On a sparsely annotated image nothing is known outside the regions, so a detection there is
-    neither a true nor a false positive. On a fully annotated image (whole-image region) this keeps
-    everything.
-    """
-    kept = []
-    for pred, target in zip(preds, targets, strict=True):
-        regions = target["regions"]  # [R, 4]
-        centres = (pred["boxes"][:, :2] + pred["boxes"][:, 2:]) / 2  # [N, 2]
-        inside = (
-            (centres[:, None, 0] >= regions[None, :, 0]) & (centres[:, None, 0] < regions[None, :, 2])
-            & (centres[:, None, 1] >= regions[None, :, 1]) & (centres[:, None, 1] < regions[None, :, 3])
-        ).any(dim=1)  # [N]
-        kept.append({key: value[inside] for key, value in pred.items()})
-    return kept
+#: Builds the detector for a label space: ``(num_classes, attribute_spec) -> Detector``. A class
+#: (`Detector`) or, from a config, ``class_path``/``init_args`` that jsonargparse binds.
+DetectorBuilder = Callable[[int, dict[str, int]], Detector]
+#: Builds the loss for a label space: ``(num_classes, attribute_spec) -> SparseDetectionLoss``.
+LossBuilder = Callable[[int, dict[str, int]], SparseDetectionLoss]
 
 
 class LldModule(L.LightningModule):
     """Multi-task WBC detector (class, box, quality, attributes) trained with the sparse-mask loss.
 
+    The detector, the loss and the post-processing are components with the recipe as their
+    defaults; a config names only what differs::
+
+        model:
+          detector:
+            class_path: lld_lightning.models.Detector
+            init_args: {backbone: resnet34, fpn_channels: 128}
+          loss:
+            class_path: lld_lightning.losses.SparseDetectionLoss
+            init_args: {cls_loss: quality_focal}
+          postprocess: {nms_iou: 0.7}
+
     Args:
         num_classes: number of cell classes (linked from the data module by the CLI).
         attribute_spec: ``{attribute name: number of values}`` (linked from the data module).
         class_names: class names for tables and logs (linked from the data module).
-        backbone: any timm model name that supports ``features_only``.
-        pretrained: load the backbone's pretrained weights from the model hub.
-        pretrained_file: load the backbone's weights from this local file instead.
-        out_indices: backbone stages fed to the feature pyramid.
-        fpn_channels: channels of the feature pyramid and heads.
-        head_convs: convolutions per head tower.
-        attribute_convs: convolutions of an attribute tower of its own (0 = attributes read the
-            classification tower).
-        roi_readout: read each cell's class and attributes from features pooled over its whole
-            box (`RoiHead`); the dense head then proposes one box per cell.
-        roi_pixel_crop: > 0: the read-out's attributes also read each box's input pixels,
-            resampled to this side and encoded by a small CNN of their own (`CropEncoder`).
-        roi_crop_classes: with ``roi_pixel_crop``, the read-out's class predictor reads the
-            crops too.
-        roi_copies: read-outs per expert cell in a training step (the first exact, the others
-            jittered by ``roi_jitter`` of the box size).
-        roi_jitter: see ``roi_copies``.
-        classes_per_box: with ``roi_readout``, class hypotheses per box in validation and test
-            (mAP credits a second guess at a lower score); prediction always writes one.
-        loss_mode: ``masked`` ignores everything outside the annotated regions; ``naive`` treats
-            it as background (the baseline).
-        loss_weights: weight of each named loss term (``cls``, ``box``, ``quality``, ``attributes``,
-            ``roi_cls``, ``roi_attributes``, ``dfl``); missing names keep `DEFAULT_LOSS_WEIGHTS`.
-        box_loss: IoU loss for boxes (``giou``, ``diou`` or ``ciou``).
-        box_bins: 0 (default): the head predicts each box side's distance directly. ``n >= 2``:
-            a distribution over ``0 .. n - 1`` strides per side, trained by the extra
-            distribution focal loss term ``dfl`` (docs/model.md, "Box sides as distributions").
-        cls_loss: ``focal`` (one-hot targets) or ``quality_focal`` (a positive's class target is
-            its predicted box's IoU; `quality_focal_loss`).
-        assigner: which locations train as a cell's positives: ``fcos`` (a centre window on the
-            level its size fits) or ``task_aligned`` (the locations inside the cell whose current
-            prediction fits it best; `assign_task_aligned`). The sparse mask is the same.
-        lr: AdamW learning rate of the neck and heads.
-        backbone_lr_mult: the backbone's learning rate is ``lr * backbone_lr_mult``.
+        detector: the detector (`lld_lightning.models.Detector`), built for the label space.
+        loss: the training loss (`lld_lightning.losses.SparseDetectionLoss`), built for the label
+            space.
+        postprocess: how raw outputs become detections (`lld_lightning.models.PostProcess`).
+        lr: AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to biases and norm parameters).
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
-        score_threshold, pre_nms_topk, nms_iou, max_detections, max_containment, quality_weight:
-            post-processing (`postprocess`; `lld_lightning.tune` measures them on a checkpoint).
-        metrics_backend: ``pycocotools`` or ``faster_coco_eval`` for mAP.
+        metrics_backend: ``pycocotools`` or ``faster_coco_eval`` (same numbers, faster) for mAP.
         channels_last: run the detector in channels-last memory format (faster on GPUs).
         compile: wrap the detector in ``torch.compile``.
-        ema_decay: keep an exponential moving average of the weights (`WeightEma`, added for
-            fitting): validation, checkpoints and the model after training use the average.
-            ``None`` (default): no average.
-        ema_ramp_steps: optimizer steps over which the average's decay rises to ``ema_decay``.
     """
 
     def __init__(
@@ -118,41 +66,16 @@ class LldModule(L.LightningModule):
         num_classes: int = len(LLD_CLASSES),
         attribute_spec: dict[str, int] | None = None,
         class_names: list[str] | None = None,
-        backbone: str = "resnet18",
-        pretrained: bool = False,
-        pretrained_file: str | None = None,
-        out_indices: list[int] | None = None,
-        fpn_channels: int = 128,
-        head_convs: int = 2,
-        attribute_convs: int = 0,
-        roi_readout: bool = False,
-        roi_pixel_crop: int = 0,
-        roi_crop_classes: bool = False,
-        roi_copies: int = 2,
-        roi_jitter: float = 0.1,
-        classes_per_box: int = 3,
-        loss_mode: Literal["masked", "naive"] = "masked",
-        loss_weights: dict[str, float] | None = None,
-        box_loss: Literal["giou", "diou", "ciou"] = "giou",
-        box_bins: int = 0,
-        cls_loss: Literal["focal", "quality_focal"] = "focal",
-        assigner: Literal["fcos", "task_aligned"] = "fcos",
-        lr: float = 1e-3,
-        backbone_lr_mult: float = 1.0,
+        detector: DetectorBuilder = Detector,
+        loss: LossBuilder = SparseDetectionLoss,
+        postprocess: PostProcess = PostProcess(),  # noqa: B008 (a settings record, never mutated)
+        lr: float = 2e-3,
         weight_decay: float = 1e-4,
-        warmup_steps: int = 100,
+        warmup_steps: int = 200,
         min_lr_ratio: float = 0.05,
-        score_threshold: float = 0.05,
-        pre_nms_topk: int = 1000,
-        nms_iou: float = 0.6,
-        max_detections: int = 100,
-        max_containment: float | None = None,
-        quality_weight: float = 0.5,
         metrics_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         channels_last: bool = False,
         compile: bool = False,
-        ema_decay: float | None = None,
-        ema_ramp_steps: float = 2000.0,
     ) -> None:
         super().__init__()
         attribute_spec = dict(LLD_ATTRIBUTE_SPEC) if attribute_spec is None else dict(attribute_spec)
@@ -161,53 +84,28 @@ class LldModule(L.LightningModule):
         )
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-        loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
-        unknown = set(loss_weights) - set(LOSS_TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(LOSS_TERMS)}")
-        if not 0.0 <= quality_weight <= 1.0:  # checked here, not at the first validation
-            raise ValueError(f"quality_weight must be in [0, 1], got {quality_weight}")
-        out_indices = list(out_indices) if out_indices is not None else [2, 3, 4]
-        # Saved after resolving the defaults above, so a checkpoint reloads to exactly this model.
+        if metrics_backend not in ("pycocotools", "faster_coco_eval"):
+            raise ValueError(f"metrics_backend must be pycocotools or faster_coco_eval, got {metrics_backend!r}")
+        postprocess = _as_postprocess(postprocess)
         self.save_hyperparameters()
+        # Checkpoints hold plain values only (loadable with weights_only=True): components given
+        # as classes or partials (not from a config) are stored as class_path/init_args.
+        for name in ("detector", "loss"):
+            self.hparams[name] = component_config(self.hparams[name])
+        self.hparams["postprocess"] = dict(vars(postprocess))
         self.attribute_spec = attribute_spec
         self.class_names = class_names
-        self.loss_weights = loss_weights
-        self.detector = build_detector(
-            backbone=backbone,
-            num_classes=num_classes,
-            attribute_spec=attribute_spec,
-            pretrained=pretrained,
-            out_indices=tuple(out_indices),
-            fpn_channels=fpn_channels,
-            head_convs=head_convs,
-            attribute_convs=attribute_convs,
-            pretrained_file=pretrained_file,
-            roi_readout=roi_readout,
-            roi_pixel_crop=roi_pixel_crop,
-            roi_crop_classes=roi_crop_classes,
-            box_bins=box_bins,
-        )
+        self.settings = postprocess
+        self.detector = build_component(detector)(num_classes, attribute_spec)
+        self.criterion = build_component(loss)(num_classes, attribute_spec)
         if channels_last:
             self.detector = self.detector.to(memory_format=torch.channels_last)
         # Kept out of the module tree so the compiled wrapper adds no duplicate state-dict keys.
         self.__dict__["_compiled"] = torch.compile(self.detector) if compile else None
-        self.criterion = SparseDetectionLoss(
-            num_classes=num_classes, attribute_spec=attribute_spec, mode=loss_mode, box_loss=box_loss,
-            cls_loss=cls_loss, assigner=assigner,
-        )
         self.val_metrics: DomainMetrics | None = None
         self.test_metrics: DomainMetrics | None = None
         self.test_results: dict[str, float] = {}
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """`WeightEma` when ``ema_decay`` is set, for fitting only (validate, test and predict
-        read checkpoints, which already hold the averaged weights)."""
-        if self.hparams.ema_decay is None or self._trainer is None:
-            return []
-        if self.trainer.state.fn != TrainerFn.FITTING:
-            return []
-        return [WeightEma(self.hparams.ema_decay, self.hparams.ema_ramp_steps)]
+        self._schedule_steps: int | None = None
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -216,57 +114,43 @@ class LldModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return (self._compiled or self.detector)(images, rois)
 
-    @property
-    def postprocess_settings(self) -> dict[str, Any]:
-        """This module's `postprocess` settings (its hyperparameters), by keyword."""
-        h = self.hparams
-        return {name: h[name] for name in POSTPROCESS_SETTINGS}
-
     def detections(
         self,
         outputs: dict[str, Any],
-        image_size: tuple[int, int],
-        classes_per_box: int = 1,
+        images: torch.Tensor,
+        evaluation: bool = False,
         one_per_cell: bool = False,
-        **overrides: Any,
-    ) -> list[dict[str, torch.Tensor]]:
-        """Per-image detections from raw outputs, with this module's post-processing settings
-        (``overrides`` replaces some of them, e.g. ``nms_iou=0.7``; `lld_lightning.tune`).
-
-        ``one_per_cell`` makes the dense head's post-processing class-agnostic (the region
-        read-out always is); evaluation keeps every (cell, class) hypothesis, as COCO mAP wants.
-        """
-        unknown = set(overrides) - set(POSTPROCESS_SETTINGS)
-        if unknown:
-            raise ValueError(f"unknown post-processing settings {sorted(unknown)}; known: {POSTPROCESS_SETTINGS}")
+        settings: PostProcess | None = None,
+    ) -> list[Detections]:
+        """Per-image detections from raw outputs with this module's post-processing (or
+        ``settings``, e.g. `lld_lightning.tools.tune`'s candidates); see `Detector.detections`."""
         return self.detector.detections(
             outputs,
-            image_size=image_size,
-            classes_per_box=classes_per_box,
-            class_agnostic=one_per_cell,
-            **{**self.postprocess_settings, **overrides},
+            images,
+            settings or self.settings,
+            image_size=tuple(images.shape[-2:]),
+            evaluation=evaluation,
+            one_per_cell=one_per_cell,
         )
 
-    def detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def detect(self, images: torch.Tensor) -> list[Detections]:
         """Per-image detections (boxes in input pixels, scores, labels, attributes), one class
         per cell: what `lld predict` writes."""
-        return self.detections(self(images), tuple(images.shape[-2:]), one_per_cell=True)
-
-    def weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.loss_weights[name] * terms[name] for name in LOSS_TERMS)
+        return self.detections(self(images), images, one_per_cell=True)
 
     # ----------------------------------------------------------------------------- training
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if self.detector.roi_head is None:
-            outputs = self(batch["image"])
-        else:
-            rois = training_rois(
-                batch["boxes"], batch["labels"], self.hparams.roi_copies, self.hparams.roi_jitter
-            )
-            outputs = self(batch["image"], rois.boxes)
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of an augmented batch and its named terms; the region read-out (when
+        the detector has one) reads the expert cells' boxes."""
+        rois = self.detector.training_rois(batch["boxes"], batch["labels"])
+        outputs = self(batch["image"], None if rois is None else rois.boxes)
+        if rois is not None:
             outputs["roi"].update(image_index=rois.image_index, cell_index=rois.cell_index)
         terms = self.criterion(outputs, batch)
-        loss = self.weighted_loss(terms)
+        return self.criterion.total(terms), terms
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, terms = self.training_loss(batch)
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
             raise FloatingPointError(
@@ -300,11 +184,9 @@ class LldModule(L.LightningModule):
         outputs = self(batch["image"])
         targets = unbatch_targets(batch)
         if stage == "val":
-            terms = self.criterion(outputs, batch)
-            self.log(f"{stage}/loss", self.weighted_loss(terms), batch_size=len(targets), sync_dist=True)
-        preds = self.detections(
-            outputs, tuple(batch["image"].shape[-2:]), classes_per_box=self.hparams.classes_per_box
-        )
+            loss = self.criterion.total(self.criterion(outputs, batch))
+            self.log(f"{stage}/loss", loss, batch_size=len(targets), sync_dist=True)
+        preds = self.detections(outputs, batch["image"], evaluation=True)
         metrics.update(keep_inside_regions(preds, targets), targets, batch["domain"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -352,44 +234,31 @@ class LldModule(L.LightningModule):
         return results
 
     # --------------------------------------------------------------------------- optimiser
-    @property
-    def training_progress(self) -> float | None:
-        """Optimizer steps taken over the schedule's length (None before the optimizer exists)."""
-        steps = getattr(self, "_schedule_steps", None)
-        if steps is None or self._trainer is None:
-            return None
-        return min(1.0, self.global_step / steps)
-
     def set_schedule_steps(self, steps: int) -> None:
         """Length of the warm-up + cosine schedule in optimizer steps (`TimeBudget` moves it)."""
         self._schedule_steps = max(1, int(steps))
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        backbone_ids = {id(p) for p in self.detector.backbone.parameters()}
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
         for param in self.detector.parameters():
-            if not param.requires_grad:
-                continue
-            key = (id(param) in backbone_ids, param.ndim <= 1)  # (backbone?, bias or norm?)
-            groups.setdefault(key, []).append(param)
+            if param.requires_grad:
+                groups[param.ndim <= 1].append(param)  # biases and norm parameters: no decay
         param_groups = [
-            {"params": params,
-             "lr": h.lr * (h.backbone_lr_mult if is_backbone else 1.0),
-             "weight_decay": 0.0 if no_decay else h.weight_decay}
-            for (is_backbone, no_decay), params in sorted(groups.items())
+            {"params": params, "weight_decay": 0.0 if no_decay else h.weight_decay}
+            for no_decay, params in groups.items() if params
         ]
         # One fused kernel for the whole update on a GPU instead of a launch per tensor group;
         # Lightning's mixed precision cannot clip the gradients of a fused optimizer, so with
-        # gradient clipping (every shipped config) the multi-tensor (foreach) path runs instead.
+        # gradient clipping the multi-tensor (foreach) path runs instead.
         clipping = bool(getattr(self.trainer, "gradient_clip_val", None))
         optimizer = torch.optim.AdamW(
-            param_groups,
-            lr=h.lr,
-            weight_decay=h.weight_decay,
+            param_groups, lr=h.lr, weight_decay=h.weight_decay,
             fused=self.device.type == "cuda" and not clipping,
         )
-        self.set_schedule_steps(int(self.trainer.estimated_stepping_batches))
+        steps = self.trainer.estimated_stepping_batches
+        # An unbounded run (max_epochs -1, no max_steps) is sized by a `TimeBudget` once it runs.
+        self.set_schedule_steps(int(steps) if math.isfinite(steps) else 10**7)
 
         def schedule(step: int) -> float:
             total_steps = self._schedule_steps
@@ -401,3 +270,45 @@ class LldModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _as_postprocess(value: PostProcess | dict[str, Any]) -> PostProcess:
+    if isinstance(value, dict):  # a checkpoint's hyperparameters
+        return PostProcess(**value)
+    return value
+
+
+def component_config(builder: Any) -> Any:
+    """A component as plain values: ``{"class_path", "init_args"}`` for a class or a
+    `functools.partial` binding a class to keyword arguments (also jsonargparse's, which wraps the
+    class in its instantiator); anything else (a config mapping from LightningCLI) as it is."""
+    if isinstance(builder, type):
+        return {"class_path": f"{builder.__module__}.{builder.__qualname__}", "init_args": {}}
+    if isinstance(builder, functools.partial):
+        classes = [part for part in (builder.func, *builder.args) if isinstance(part, type)]
+        if classes:
+            config = component_config(classes[-1])
+            config["init_args"] = {
+                key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                for key, value in builder.keywords.items()
+            }
+            return config
+    return builder
+
+
+def build_component(builder: Any) -> Callable[..., Any]:
+    """The callable a component's builder stands for: itself, or the class of a
+    ``{"class_path", "init_args"}`` mapping bound to its init_args (a checkpoint's hyperparameters
+    loaded without LightningCLI)."""
+    if callable(builder):
+        return builder
+    if isinstance(builder, dict) and "class_path" in builder:
+        module_name, _, class_name = str(builder["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        init_args = dict(builder.get("init_args") or {})
+        if cls is Detector and isinstance(init_args.get("readout"), dict):
+            from lld_lightning.models import Readout
+
+            init_args["readout"] = Readout(**init_args["readout"])
+        return functools.partial(cls, **init_args)
+    raise TypeError(f"expected a class, a callable or a class_path/init_args mapping, got {builder!r}")

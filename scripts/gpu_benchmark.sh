@@ -35,9 +35,9 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 PY
 
 start=$SECONDS
-timeout "$LIMIT_S" python3 -m lld_lightning.benchmark --preset gpu --out "$OUT" "$@"
+timeout "$LIMIT_S" python3 -m lld_lightning.tools.benchmark --preset gpu --out "$OUT" "$@"
 left=$((LIMIT_S - (SECONDS - start)))
 if [[ "${COMPILE:-0}" == "1" && $left -gt 180 ]]; then
-  timeout "$left" python3 -m lld_lightning.benchmark --preset gpu --compile --no-metrics --out "$OUT" "$@"
+  timeout "$left" python3 -m lld_lightning.tools.benchmark --preset gpu --compile --no-metrics --out "$OUT" "$@"
 fi
 echo "results appended to $OUT"

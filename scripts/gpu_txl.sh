@@ -10,11 +10,11 @@
 #
 #   scripts/gpu_txl.sh            # parts profile (~1 min), txl (~5.5 min), study (~3.5 min)
 #   PARTS=txl scripts/gpu_txl.sh  # only the 4-minute runs; PARTS=study only the study
-#   WORKERS=3 RECIPES="base16|--data.batch_size 16 --model.cls_loss focal;b64|--data.batch_size 64" PARTS=txl ...
+#   WORKERS=3 RECIPES="base16|--data.batch_size 16 --model.loss.cls_loss focal;b64|--data.batch_size 64" PARTS=txl ...
 #                                 # several recipes at once on the one GPU ("name|lld args;...")
 #   LAYOUT=auto PARTS=txl ...     # first time a step in both memory layouts, keep the faster
 #   TUNE=1 PARTS=txl ...          # after each test: post-processing chosen on val
-#                                 # (python -m lld_lightning.tune $TUNE_ARGS), and the test again with it
+#                                 # (python -m lld_lightning.tools.tune $TUNE_ARGS), and the test again with it
 #   WHEELS=0 MINUTES=0.3 STUDY_MINUTES=0.3 WORKERS=2 scripts/gpu_txl.sh   # dry run on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ fi
 # NHWC back to NCHW). LAYOUT=channels_last forces it.
 LAYOUT_ARGS=()
 if [[ "${LAYOUT:-}" == auto ]]; then
-  model='{"backbone": "resnet34", "fpn_channels": 128, "head_convs": 2'
+  model='{"detector": {"backbone": "resnet34", "fpn_channels": 128, "head_convs": 2}'
   python3 scripts/gpu_step_profile.py --config configs/txl.yaml --data.root "$ROOT" \
     --image-size "$IMAGE_SIZE" --batch-sizes "${LAYOUT_BATCH:-64}" --steps 5 --top 8 --cudnn-benchmark \
     --model "$model}" --model "$model, \"channels_last\": true}" 2>&1 \
@@ -67,14 +67,12 @@ if [[ " $PARTS " == *" txl "* ]]; then
   # instead of epochs, one process per recipe, all at once (each its own MINUTES of wall clock
   # on the shared GPU; give WORKERS=3 for four at once); validation every VAL_INTERVAL (DD:HH:MM:SS,
   # default a minute; longer than the run: only the final one) and once at the end, with
-  # FINAL_VAL_S seconds (default 20, read from idle stretches in an H200 run, not timed) kept for the final one until
+  # FINAL_VAL_S seconds (default 20) kept for the final one until
   # a validation has been timed; test
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
-  # TimeBudget and checkpoint folder; box_bins 17 comes from configs/txl.yaml, add
-  # "--model.box_bins 0" for the direct distances of the runs before 2026-11-27 noon); "base16"
-  # reproduces the first 4-minute run (2026-11-26).
-  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.fpn_channels 128 --model.head_convs 2 --model.backbone resnet34 --model.cls_loss quality_focal --trainer.benchmark true --model.metrics_backend faster_coco_eval"}
+  # TimeBudget); "base16" is the first 4-minute recipe.
+  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.detector.fpn_channels 128 --model.detector.head_convs 2 --model.detector.backbone resnet34 --model.loss.cls_loss quality_focal --trainer.benchmark true --model.metrics_backend faster_coco_eval"}
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>/dev/null &
   smi=$!
   pids=()
@@ -87,20 +85,19 @@ if [[ " $PARTS " == *" txl "* ]]; then
     (
       python3 -m lld_lightning.cli fit --config configs/txl.yaml --data.root "$ROOT" \
         --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
-        --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
+        --trainer.default_root_dir "$RUN" \
         --trainer.check_val_every_n_epoch null --trainer.val_check_interval "${VAL_INTERVAL:-00:00:01:00}" \
-        --trainer.callbacks+=lld_lightning.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
+        --trainer.callbacks+=lld_lightning.callbacks.time_budget.TimeBudget --trainer.callbacks.minutes "$MINUTES" \
         --trainer.callbacks.final_validation_s "${FINAL_VAL_S:-20}" \
         --trainer.enable_progress_bar false > "$OUT/${name}_fit.log" 2>&1
       python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
         --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
-        --trainer.default_root_dir "$RUN" --trainer.callbacks.dirpath "$RUN/checkpoints" \
-        --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
+        --trainer.default_root_dir "$RUN" --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
       cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_test_metrics.csv" 2>/dev/null
       cp "$(ls "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_fit_metrics.csv" 2>/dev/null
       if [[ "${TUNE:-0}" == 1 ]]; then
-        # Post-processing chosen on the val split (lld_lightning.tune), then the test with it.
-        python3 -m lld_lightning.tune --ckpt_path "$RUN/checkpoints/best.ckpt" --backend faster_coco_eval \
+        # Post-processing chosen on the val split (lld_lightning.tools.tune), then the test with it.
+        python3 -m lld_lightning.tools.tune --ckpt_path "$RUN/checkpoints/best.ckpt" --backend faster_coco_eval \
           --out "$OUT/${name}_tune.json" ${TUNE_ARGS:-} --config configs/txl.yaml --data.root "$ROOT" \
           --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" > "$OUT/${name}_tune.log" 2>&1
         read -ra tuned < <(python3 -c 'import json, sys; f = json.load(open(sys.argv[1]))["rows"][0]["flags"]; print("" if f.startswith("(") else f)' "$OUT/${name}_tune.json")
@@ -129,19 +126,19 @@ fi
 
 if [[ " $PARTS " == *" study "* ]]; then
   # One process per row at the same time, each with the same time budget; then one table.
-  rows=(full masked masked+teacher masked+teacher+norm)
+  rows=(full masked masked+teacher)
   pids=()
   mkdir -p runs/study_gpu
   for i in "${!rows[@]}"; do
-    python3 -m lld_lightning.study --datasets txl --fractions 0.2 --rows "${rows[$i]}" \
+    python3 -m research.study --datasets txl --fractions 0.2 --rows "${rows[$i]}" \
       --txl-root "$ROOT" --budget-minutes "$STUDY_MINUTES" --validations 2 --num-workers 3 \
-      --pseudo-class-only --runs-dir runs/study_gpu --out "runs/study_gpu/row$i.md" \
+      --runs-dir runs/study_gpu --out "runs/study_gpu/row$i.md" \
       > "runs/study_gpu_row$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
   tail -n 3 runs/study_gpu_row*.log
-  python3 -m lld_lightning.study --render-from runs/study_gpu/row{0,1,2,3}.json \
+  python3 -m research.study --render-from runs/study_gpu/row{0,1,2,3}.json \
     --out "$OUT/sparse_txl_gpu.md"
   cat runs/study_gpu_row*.log > "$OUT/study.log"
 fi

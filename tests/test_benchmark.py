@@ -9,27 +9,62 @@ import pytest
 import torch
 from rich.console import Console
 
-from lld_lightning.benchmark import (
+from lld_lightning.data.datamodule import LldDataModule
+from lld_lightning.models import Readout
+from lld_lightning.tools.benchmark import (
     RATIO_KEYS,
+    Settings,
     check_targets,
+    lld_subject,
     main,
     parse_settings,
     ratios,
     render_table,
 )
-from lld_lightning.benchmark_fcos import build_fcos, fcos_targets
+from lld_lightning.tools.benchmark_fcos import build_fcos, fcos_targets
 
-FIGURES = {"params_m", "train_ips", "e2e_ips", "e2e_fraction", "infer_ips", "latency_ms",
-           "peak_memory_mb", "eval_s", "metrics_s", "test_images"}
+FIGURES = {
+    "params_m",
+    "train_ips",
+    "e2e_ips",
+    "e2e_fraction",
+    "infer_ips",
+    "latency_ms",
+    "peak_memory_mb",
+    "eval_s",
+    "metrics_s",
+    "test_images",
+}
 
 
 def test_tiny_run_writes_table_and_json_line(tiny_synthetic: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
-    record = main([
-        "--device", "cpu", "--backbone", "test_resnet", "--image-size", "64", "--batch-size", "2",
-        "--repeats", "1", "--warmup", "0", "--data-root", str(tiny_synthetic),
-        "--num-workers", "0", "--light", "test_resnet", "--threads", "1", "--out", str(out),
-    ])
+    record = main(
+        [
+            "--device",
+            "cpu",
+            "--backbone",
+            "test_resnet",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--data-root",
+            str(tiny_synthetic),
+            "--num-workers",
+            "0",
+            "--light",
+            "test_resnet",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     lines = out.read_text().splitlines()
     assert len(lines) == 1
     assert json.loads(lines[0]) == json.loads(json.dumps(record))
@@ -41,7 +76,12 @@ def test_tiny_run_writes_table_and_json_line(tiny_synthetic: Path, tmp_path: Pat
     lld, fcos = record["results"]["lld"], record["results"]["fcos"]
     assert set(lld) == FIGURES and set(fcos) == FIGURES
     assert set(record["results"]["lld_light"]) == {
-        "params_m", "train_ips", "infer_ips", "latency_ms", "peak_memory_mb"}
+        "params_m",
+        "train_ips",
+        "infer_ips",
+        "latency_ms",
+        "peak_memory_mb",
+    }
     # Every ratio is lld / FCOS of the figures printed beside it, and the e2e fraction is
     # e2e over the model-only step of the same detector.
     assert set(record["ratios"]) == set(RATIO_KEYS)
@@ -67,10 +107,18 @@ def test_ratios_and_targets_from_hand_numbers() -> None:
     assert got == {"train_ips": 3.0, "infer_ips": 1.5, "latency_ms": 0.25, "peak_memory_mb": 0.5}
     cpu = {"machine": {"device": "cpu"}, "results": {"lld": lld}, "ratios": got}
     assert check_targets(cpu) == {"train >= 1.5x FCOS": True, "inference >= 2.0x FCOS": False}
-    gpu_lld = {**lld, "train_ips": 400.0, "infer_ips": 1000.0, "e2e_fraction": 0.95,
-               "peak_memory_mb": 13 * 1024.0}
-    gpu = {"machine": {"device": "cuda:0"}, "results": {"lld": gpu_lld},
-           "ratios": {"train_ips": 2.0}}
+    gpu_lld = {
+        **lld,
+        "train_ips": 400.0,
+        "infer_ips": 1000.0,
+        "e2e_fraction": 0.95,
+        "peak_memory_mb": 13 * 1024.0,
+    }
+    gpu = {
+        "machine": {"device": "cuda:0"},
+        "results": {"lld": gpu_lld},
+        "ratios": {"train_ips": 2.0},
+    }
     assert check_targets(gpu) == {
         "train >= 1.8x FCOS": True,
         "train >= 350 img/s": True,
@@ -96,8 +144,10 @@ def test_fcos_keeps_the_input_size_and_drops_padding() -> None:
     with torch.no_grad():
         images, _ = model.transform([torch.rand(3, 64, 64)])
     assert tuple(images.tensors.shape[-2:]) == (64, 64)
-    batch = {"boxes": torch.tensor([[[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 0.0, 0.0]]]),
-             "labels": torch.tensor([[2, -1]])}
+    batch = {
+        "boxes": torch.tensor([[[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 0.0, 0.0]]]),
+        "labels": torch.tensor([[2, -1]]),
+    }
     (target,) = fcos_targets(batch)
     assert target["labels"].tolist() == [2]
     assert target["boxes"].tolist() == [[1.0, 2.0, 10.0, 12.0]]
@@ -115,3 +165,21 @@ def test_assigner_range_cache_follows_the_strides_tensor() -> None:
     strides[0] = 16.0  # an in-place edit bumps the version counter: recomputed
     lo, hi = _per_location_ranges(strides, None)
     assert lo.tolist() == [64.0, 0.0, 64.0, 128.0] and hi.tolist()[0] == 128.0
+
+
+def test_lld_row_is_the_recipe_detector_and_its_loss_is_the_training_steps(
+    tiny_synthetic: Path,
+) -> None:
+    datamodule = LldDataModule(root=str(tiny_synthetic), image_size=64, batch_size=2, num_workers=0)
+    datamodule.setup("fit")
+    batch = datamodule.train_augmentation(next(iter(datamodule.train_dataloader())))
+    subject = lld_subject("lld", "test_resnet", datamodule, Settings())
+    module = subject.lightning_module
+    assert module.detector.readout == Readout()  # the shipped recipe's region read-out
+    assert set(module.attribute_spec) == set(datamodule.attribute_spec)
+    torch.manual_seed(0)  # the read-out's jittered training boxes
+    loss = subject.loss(batch["image"], batch)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="log"):  # no Trainer to log to
+        expected = module.training_step(batch, 0)
+    assert torch.equal(loss, expected) and loss > 0

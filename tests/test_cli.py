@@ -22,28 +22,33 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 def _args(workdir: Path) -> list[str]:
     return [
         "--config", TINY,
-        "--data.synthetic_dir", str(workdir / "data"),
+        "--data.synthetic.dir", str(workdir / "data"),
         "--trainer.default_root_dir", str(workdir / "run"),
     ]
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny fit shared by the CLI tests: returns the work dir (checkpoints under runs/tiny)."""
+    """One tiny fit shared by the CLI tests: returns the work dir (checkpoints under run/checkpoints)."""
     workdir = tmp_path_factory.mktemp("cli")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         main(["fit", *_args(workdir)])
-    assert (workdir / "runs/tiny/checkpoints/last.ckpt").exists()
+    assert (workdir / "run/checkpoints/last.ckpt").exists()
     assert list((workdir / "run").rglob("metrics.csv")), "CSV logger wrote nothing"
     assert list((workdir / "run").rglob("events.out.tfevents.*")), "TensorBoard logger wrote nothing"
     return workdir
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+#: Overlays are layered on the config they name.
+OVERLAYS = {"pseudo.yaml": "sparse.yaml", "txl_4min.yaml": "txl.yaml"}
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["--config", str(REPO / "configs" / OVERLAYS[config.name])] if config.name in OVERLAYS else []
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *base, "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed
@@ -52,9 +57,9 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> Non
 def test_gpu_overlay_builds_a_time_budgeted_four_minute_run(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # configs/gpu/*.yaml are overlays: they only make sense on top of the config they name.
+    from lld_lightning.callbacks.time_budget import TimeBudget
     from lld_lightning.cli import LldCLI
     from lld_lightning.data.datamodule import LldDataModule
-    from lld_lightning.time_budget import TimeBudget
 
     monkeypatch.chdir(tmp_path)
     cli = LldCLI(LldModule, LldDataModule, run=False, args=[
@@ -66,9 +71,11 @@ def test_gpu_overlay_builds_a_time_budgeted_four_minute_run(tmp_path: Path,
     checkpoints = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
     assert len(checkpoints) == 1 and checkpoints[0].monitor == "val/map"
     assert cli.trainer._val_check_time_interval == 60
-    assert cli.model.hparams.backbone == "resnet34" and cli.model.hparams.cls_loss == "quality_focal"
+    assert cli.model.detector.backbone.body.__class__.__name__ == "FeatureListNet"
+    assert cli.model.hparams.detector["init_args"]["backbone"] == "resnet34"
+    assert cli.model.criterion.cls_loss == "quality_focal"
     assert cli.model.hparams.metrics_backend == "faster_coco_eval"
-    assert cli.model.hparams.box_bins == 17 and cli.model.detector.head.box_bins == 17
+    assert cli.model.detector.head.box_bins == 17 and cli.model.detector.neck.channels[0] == 128
     assert cli.datamodule.hparams.batch_size == 64 and cli.datamodule.hparams.image_size == 640
     # Everything else still comes from txl.yaml.
     assert cli.datamodule.class_names == ["WBC", "RBC", "Platelets"]
@@ -77,7 +84,7 @@ def test_gpu_overlay_builds_a_time_budgeted_four_minute_run(tmp_path: Path,
 def test_validate_and_test_print_per_domain_table(fitted: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(fitted)
-    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    ckpt = str(fitted / "run/checkpoints/last.ckpt")
     main(["validate", *_args(fitted), "--ckpt_path", ckpt])
     cli = main(["test", *_args(fitted), "--ckpt_path", ckpt])
     results = cli.model.test_results
@@ -97,7 +104,7 @@ def test_predict_writes_json_csv_and_overlays(fitted: Path, monkeypatch: pytest.
     images = LLD_SAMPLES if LLD_SAMPLES.exists() else next((fitted / "data").rglob("images/test"))
     out = fitted / "pred"
     main([
-        "predict", *_args(fitted), "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"),
+        "predict", *_args(fitted), "--ckpt_path", str(fitted / "run/checkpoints/last.ckpt"),
         "--data.predict_root", str(images), "--predict_writer.output_dir", str(out),
         "--predict_writer.min_score", "0.0",
     ])
@@ -123,7 +130,7 @@ def test_predict_writes_json_csv_and_overlays(fitted: Path, monkeypatch: pytest.
 
 
 def test_checkpoint_reload_gives_identical_outputs(fitted: Path) -> None:
-    ckpt = fitted / "runs/tiny/checkpoints/last.ckpt"
+    ckpt = fitted / "run/checkpoints/last.ckpt"
     model_a = LldModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     model_b = LldModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     images = torch.rand(2, 3, 128, 128)
@@ -138,10 +145,12 @@ def test_checkpoint_reload_gives_identical_outputs(fitted: Path) -> None:
     for det_a, det_b in zip(dets_a, dets_b, strict=True):
         for key in det_a:
             torch.testing.assert_close(det_a[key], det_b[key], rtol=0, atol=0)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    # The checkpoint is plain values and tensors: it loads without unpickling any object.
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, value in model_a.state_dict().items():
         torch.testing.assert_close(value, state[name], rtol=0, atol=0)
-    assert model_a.hparams.backbone == "test_resnet"
+    assert model_a.hparams.detector["init_args"]["backbone"] == "test_resnet"
+    assert model_a.detector.roi_head.crop_encoder.crop_size == 16
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -195,7 +204,7 @@ def test_two_process_cpu_ddp_gives_same_metrics_on_both_ranks(fitted: Path) -> N
     script.write_text(DDP_SCRIPT)
     command = [
         sys.executable, str(script), "test", *_args(fitted),
-        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"),
+        "--ckpt_path", str(fitted / "run/checkpoints/last.ckpt"),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.limit_test_batches", "2",
     ]
@@ -215,7 +224,7 @@ def test_lld_command_exits_with_status_zero(fitted: Path, monkeypatch: pytest.Mo
     module_name, function_name = target.split(":")
     command = getattr(importlib.import_module(module_name), function_name)
     monkeypatch.chdir(fitted)
-    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    ckpt = str(fitted / "run/checkpoints/last.ckpt")
     monkeypatch.setattr(sys, "argv", ["lld", "validate", *_args(fitted), "--ckpt_path", ckpt])
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(command())
@@ -224,12 +233,12 @@ def test_lld_command_exits_with_status_zero(fitted: Path, monkeypatch: pytest.Mo
 
 def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
-    from lld_lightning.score_thresholds import main as score_thresholds
+    from lld_lightning.tools.score_thresholds import main as score_thresholds
 
     monkeypatch.chdir(fitted)
     out = fitted / "thresholds.json"
     report = score_thresholds([
-        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--thresholds", "0.5", "0.0",
+        "--ckpt_path", str(fitted / "run/checkpoints/last.ckpt"), "--thresholds", "0.5", "0.0",
         "--precision", "0.0", "--out", str(out), *_args(fitted),
     ])
     assert report["thresholds"] == [0.0, 0.5]
@@ -247,7 +256,7 @@ def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkey
         score_thresholds(["--ckpt_path", str(fitted / "missing.ckpt"), *_args(fitted)])
     # the test split is one loader per domain, read one after the other
     test_split = score_thresholds([
-        "--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--split", "test",
+        "--ckpt_path", str(fitted / "run/checkpoints/last.ckpt"), "--split", "test",
         "--thresholds", "0.0", *_args(fitted),
     ])
     assert test_split["split"] == "test" and test_split["cells_total"] > 0
@@ -256,10 +265,10 @@ def test_score_thresholds_measures_the_checkpoint_per_class(fitted: Path, monkey
 def test_score_thresholds_on_the_training_images_inside_and_outside_the_regions(
     fitted: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from lld_lightning.score_thresholds import main as score_thresholds
+    from lld_lightning.tools.score_thresholds import main as score_thresholds
 
     monkeypatch.chdir(fitted)
-    args = ["--ckpt_path", str(fitted / "runs/tiny/checkpoints/last.ckpt"), "--split", "train",
+    args = ["--ckpt_path", str(fitted / "run/checkpoints/last.ckpt"), "--split", "train",
             "--thresholds", "0.0", "--precision", "0.0", *_args(fitted)]
     whole = score_thresholds([*args, "--data.sparse_simulation", "1.0"])
     assert sum(whole["outside"]["detections"][0]) == 0 and whole["outside"]["cells_total"] == 0
@@ -276,22 +285,23 @@ def test_score_thresholds_on_the_training_images_inside_and_outside_the_regions(
 def test_explicit_model_keys_reads_typed_model_flags() -> None:
     from lld_lightning.cli import explicit_model_keys
 
-    argv = ["test", "--config", "c.yaml", "--model.nms_iou", "0.7", "--model.loss_weights.cls=2",
-            "--data.batch_size", "4", "--model.nms_iou=0.5", "--ckpt_path", "x.ckpt"]
-    assert explicit_model_keys(argv) == ["nms_iou", "loss_weights"]
-    assert explicit_model_keys({"model": {"nms_iou": 0.7}}) == []
+    argv = ["test", "--config", "c.yaml", "--model.postprocess.nms_iou", "0.7", "--model.lr=2",
+            "--data.batch_size", "4", "--model.postprocess.nms_iou=0.5", "--ckpt_path", "x.ckpt",
+            "--model.detector.init_args.backbone", "resnet50", "--model.loss.weights.cls", "2"]
+    assert explicit_model_keys(argv) == ["postprocess.nms_iou", "lr", "detector.backbone", "loss.weights.cls"]
+    assert explicit_model_keys({"model": {"lr": 0.7}}) == []
 
 
 def test_explicit_model_keys_reads_a_whole_model_mapping(tmp_path: Path) -> None:
     from lld_lightning.cli import explicit_model_keys
 
-    assert explicit_model_keys(["test", "--model", '{"nms_iou": 0.7, "max_detections": 50}']) == [
-        "nms_iou", "max_detections"]
-    assert explicit_model_keys(["--model={quality_weight: 0.25}", "--model.nms_iou", "0.6"]) == [
-        "quality_weight", "nms_iou"]
+    assert explicit_model_keys(["test", "--model", '{"postprocess": {"nms_iou": 0.7}, "lr": 0.1}']) == [
+        "postprocess", "lr"]
+    assert explicit_model_keys(["--model={lr: 0.25}", "--model.postprocess.nms_iou", "0.6"]) == [
+        "lr", "postprocess.nms_iou"]
     file = tmp_path / "model.yaml"
-    file.write_text("class_path: lld_lightning.module.LldModule\ninit_args:\n  score_threshold: 0.1\n")
-    assert explicit_model_keys(["--model", str(file)]) == ["score_threshold"]
+    file.write_text("class_path: lld_lightning.module.LldModule\ninit_args:\n  warmup_steps: 1\n")
+    assert explicit_model_keys(["--model", str(file)]) == ["warmup_steps"]
     # Not a mapping, unreadable, or no value: nothing (the parser reports what it cannot use).
     assert explicit_model_keys(["--model", "[1, 2]"]) == []
     assert explicit_model_keys(["--model", "{unclosed"]) == []
@@ -329,10 +339,10 @@ def test_tune_with_the_region_read_out_matches_lld_validate(fitted: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny.yaml's model reads classes and attributes over each box (roi_readout): the kept
     # outputs then include the feature maps and images the read-out crops from.
-    from lld_lightning.tune import main as tune
+    from lld_lightning.tools.tune import main as tune
 
     monkeypatch.chdir(fitted)
-    ckpt = str(fitted / "runs/tiny/checkpoints/last.ckpt")
+    ckpt = str(fitted / "run/checkpoints/last.ckpt")
     report = tune(["--ckpt_path", ckpt, "--nms-iou", "0.6", "0.4", "--quality-weight", "0.5", *_args(fitted)])
     assert len(report["rows"]) == 2
     for row in report["rows"]:

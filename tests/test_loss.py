@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
-from lld_lightning.losses import SparseDetectionLoss
+from lld_lightning.losses import DEFAULT_LOSS_WEIGHTS, LOSS_TERMS, SparseDetectionLoss
 from lld_lightning.losses.sparse_loss import distribution_focal_loss, quality_focal_loss
 from lld_lightning.models.assign import assign_locations
 
 NUM_CLASSES = 3
 SPEC = {"size": 3, "shape": 2}
-TERMS = ("cls", "box", "quality", "attributes")
+TERMS = ("cls", "box", "quality", "dfl", "attributes")
+NUM_BINS = 6
 WHOLE_IMAGE = [0.0, 0.0, 32.0, 32.0]
 LN2 = math.log(2.0)
 
@@ -53,6 +54,7 @@ def make_outputs(batch_size: int = 1, seed: int = 0, dtype=torch.float32) -> dic
     return {
         "cls_logits": leaf(torch.randn(batch_size, num_points, NUM_CLASSES, generator=generator)),
         "box_deltas": leaf(torch.rand(batch_size, num_points, 4, generator=generator) * 2 + 0.1),
+        "box_distribution": leaf(torch.randn(batch_size, num_points, 4, NUM_BINS, generator=generator)),
         "quality_logits": leaf(torch.randn(batch_size, num_points, generator=generator)),
         "attr_logits": {
             name: leaf(torch.randn(batch_size, num_points, k, generator=generator))
@@ -89,7 +91,7 @@ def two_cell_targets(region: list[float] | None = None, **kwargs) -> dict:
 
 def leaves(outputs: dict) -> dict[str, torch.Tensor]:
     """Every differentiable input, by name."""
-    named = {k: outputs[k] for k in ("cls_logits", "box_deltas", "quality_logits")}
+    named = {k: outputs[k] for k in ("cls_logits", "box_deltas", "box_distribution", "quality_logits")}
     named.update({f"attr/{k}": v for k, v in outputs["attr_logits"].items()})
     return named
 
@@ -117,6 +119,7 @@ def perturbed(outputs: dict, where: torch.Tensor, seed: int = 1) -> dict:
     return {
         "cls_logits": redraw(outputs["cls_logits"]),
         "box_deltas": redraw(outputs["box_deltas"], positive=True),
+        "box_distribution": redraw(outputs["box_distribution"]),
         "quality_logits": redraw(outputs["quality_logits"]),
         "attr_logits": {k: redraw(v) for k, v in outputs["attr_logits"].items()},
         "points": outputs["points"],
@@ -297,13 +300,12 @@ def single_cell_outputs(quality_logit: float = 1.0) -> tuple[dict, dict]:
     return outputs, targets
 
 
-@pytest.mark.parametrize("box_loss", ["giou", "ciou", "diou"])
-def test_hand_computed_values(box_loss: str) -> None:
+def test_hand_computed_values() -> None:
     outputs, targets = single_cell_outputs()
-    terms = SparseDetectionLoss(NUM_CLASSES, SPEC, box_loss=box_loss)(outputs, targets)
+    terms = SparseDetectionLoss(NUM_CLASSES, SPEC)(outputs, targets)
     assert terms["num_foreground"].item() == 4
-    # IoU([2,2,14,14], [0,0,16,16]) = 144 / 256; same centre, same aspect ratio, and the
-    # enclosing box is the cell, so GIoU, DIoU and CIoU losses all equal 1 - IoU.
+    # IoU([2,2,14,14], [0,0,16,16]) = 144 / 256; the enclosing box is the cell, so the GIoU
+    # loss equals 1 - IoU.
     iou = 144 / 256
     assert terms["box"].item() == pytest.approx(1 - iou, abs=1e-5)
     # BCE(logit 1, target IoU) = log(1 + e) - IoU, the same at each of the 4 positives.
@@ -406,8 +408,8 @@ def test_batch_of_two_images() -> None:
 def test_invalid_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="mode"):
         SparseDetectionLoss(NUM_CLASSES, SPEC, mode="dense")
-    with pytest.raises(ValueError, match="box_loss"):
-        SparseDetectionLoss(NUM_CLASSES, SPEC, box_loss="iou")
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        SparseDetectionLoss(NUM_CLASSES, SPEC, weights={"ciou": 1.0})
     with pytest.raises(ValueError, match="cls_loss"):
         SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss="softmax")
     targets = two_cell_targets()
@@ -457,13 +459,9 @@ def test_supervised_fraction_counts_locations_with_a_classification_loss() -> No
     assert masked["supervised_fraction"].item() == pytest.approx(8 / 20)
     naive = SparseDetectionLoss(NUM_CLASSES, SPEC, mode="naive")(make_outputs(), targets)
     assert naive["supervised_fraction"].item() == 1.0
-    # An ignore box over background inside a whole-image region takes its locations out.
-    whole = two_cell_targets(region=WHOLE_IMAGE)
-    whole["ignore_boxes"] = torch.tensor([[[25.0, 1.0, 31.0, 7.0]]])  # around (28, 4): location 3 only
-    whole["ignore_valid"] = torch.ones(1, 1, dtype=torch.bool)
-    ignored = SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), whole)
-    assert ignored["supervised_fraction"].item() == pytest.approx(19 / 20)
-    assert not ignored["supervised_fraction"].requires_grad
+    whole = SparseDetectionLoss(NUM_CLASSES, SPEC)(make_outputs(), two_cell_targets(region=WHOLE_IMAGE))
+    assert whole["supervised_fraction"].item() == 1.0
+    assert not whole["supervised_fraction"].requires_grad
 
 
 def test_distribution_focal_loss_hand_computed() -> None:
@@ -499,7 +497,7 @@ def distribution_outputs(num_bins: int = 6, seed: int = 3) -> tuple[dict, dict]:
     num_points = outputs["points"].shape[0]
     outputs["box_distribution"] = torch.randn(
         1, num_points, 4, num_bins, generator=generator
-    ).requires_grad_()
+    ).requires_grad_()  # replaces make_outputs' distribution
     return outputs, targets
 
 
@@ -520,11 +518,6 @@ def test_dfl_term_hand_computed_and_only_at_positives() -> None:
     grad = torch.autograd.grad(terms["dfl"], outputs["box_distribution"])[0]
     touched = grad.abs().flatten(2).sum(dim=2)[0] > 0
     assert touched.nonzero()[:, 0].tolist() == CELL0_LOCATIONS
-    # Without a distribution the term is exactly 0 and every other term is unchanged.
-    plain = loss({k: v for k, v in outputs.items() if k != "box_distribution"}, targets)
-    assert plain["dfl"].item() == 0.0
-    for key in ("cls", "box", "quality", "attributes"):
-        assert torch.equal(plain[key], terms[key]), key
 
 
 def test_dfl_term_follows_the_box_weights() -> None:
@@ -538,30 +531,11 @@ def test_dfl_term_follows_the_box_weights() -> None:
     assert half == pytest.approx(0.5 * loss(outputs, targets)["dfl"].item(), rel=1e-6)
 
 
-def test_task_aligned_outside_the_known_field_changes_nothing() -> None:
-    # The task-aligned assigner reads predictions inside the labelled cells only: locations
-    # outside the region [0,0,16,16] and outside both cells' boxes are unknown to it as well.
-    loss = SparseDetectionLoss(NUM_CLASSES, SPEC, cls_loss="quality_focal", assigner="task_aligned")
-    targets = two_cell_targets()
-    points, _ = toy_grid()
-    in_a_cell = torch.zeros(20, dtype=torch.bool)
-    for box in TWO_CELLS:
-        x, y = points[:, 0], points[:, 1]
-        in_a_cell |= (x > box[0]) & (x < box[2]) & (y > box[1]) & (y < box[3])
-    unknown = (matched_for(targets) == IGNORE) & ~in_a_cell  # [1, P]
-    assert unknown.sum() == 11  # the 12 FCOS-ignored locations but 19, inside cell 1
-
-    outputs = make_outputs()
-    terms, grads = gradients(loss, outputs, targets)
-    other_terms, other_grads = gradients(loss, perturbed(outputs, unknown), targets)
-    for key in (*TERMS, "num_foreground"):
-        assert torch.equal(terms[key], other_terms[key]), key
-    for name, grad in grads.items():
-        assert torch.equal(grad[~unknown], other_grads[name][~unknown]), name
-        assert (grad[unknown] == 0).all(), name
-    # ...while the predictions inside a cell do decide which locations are positive.
-    inside = torch.zeros(1, 20, dtype=torch.bool)
-    inside[0, CELL1_LOCATIONS] = True
-    assert not torch.equal(loss(perturbed(outputs, inside), targets)["box"], terms["box"])
-    with pytest.raises(ValueError, match="assigner"):
-        SparseDetectionLoss(NUM_CLASSES, SPEC, assigner="atss")
+def test_total_weights_the_named_terms() -> None:
+    outputs, targets = single_cell_outputs()
+    loss = SparseDetectionLoss(NUM_CLASSES, SPEC, weights={"box": 5.0, "attributes": 0.0})
+    terms = loss(outputs, targets)
+    expected = sum(loss.weights[name] * terms[name] for name in LOSS_TERMS)
+    assert loss.total(terms).item() == pytest.approx(expected.item())
+    assert loss.weights == {**DEFAULT_LOSS_WEIGHTS, "box": 5.0, "attributes": 0.0}
+    assert terms["box"] > 0 and terms["attributes"] > 0  # terms stay unweighted

@@ -12,9 +12,9 @@ import torch
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC
 from lld_lightning.models import (
     DenseHead,
-    FpnNeck,
+    Detector,
+    Readout,
     TimmBackbone,
-    build_detector,
     decode_boxes,
     encode_boxes,
     level_points,
@@ -23,6 +23,11 @@ from lld_lightning.models import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NUM_CLASSES = 14
+
+
+def build_detector(backbone: str, num_classes: int, spec: dict, readout=None, **options) -> Detector:
+    """A detector without the region read-out unless asked (its outputs are tested in test_roi_head)."""
+    return Detector(num_classes, spec, backbone=backbone, readout=readout, **options)
 
 
 def _touch_all(outputs: dict) -> torch.Tensor:
@@ -51,6 +56,7 @@ def test_output_contract(backbone: str, height: int, width: int, channels: list[
     assert set(outputs) == {
         "cls_logits",
         "box_deltas",
+        "box_distribution",
         "quality_logits",
         "attr_logits",
         "points",
@@ -79,18 +85,22 @@ def test_strides_and_channels_come_from_feature_info() -> None:
     assert [64 // f.shape[-1] for f in features] == backbone.strides
 
 
-def test_backbone_normalises_with_pretrained_cfg() -> None:
-    backbone = TimmBackbone("resnet18").eval()
-    seen: list[torch.Tensor] = []
-    backbone.body.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+def test_detector_normalises_once_with_pretrained_cfg() -> None:
+    model = build_detector("resnet18", 3, {"a": 2}, readout=Readout(pixel_crop=16)).eval()
+    seen: dict[str, torch.Tensor] = {}
+    model.backbone.body.register_forward_pre_hook(lambda _, args: seen.setdefault("backbone", args[0]))
+    encoder = model.roi_head.crop_encoder
+    crop = encoder.crop
+    encoder.crop = lambda images, boxes: seen.setdefault("crops", images) is not None and crop(images, boxes)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     images = torch.rand(1, 3, 32, 32)
-    backbone(images)
-    torch.testing.assert_close(seen[0], (images - mean) / std)
-    assert "mean" not in backbone.state_dict()  # statistics follow the model name
+    model(images, [torch.tensor([[4.0, 4.0, 20.0, 20.0]])])
+    torch.testing.assert_close(seen["backbone"], (images - mean) / std)
+    torch.testing.assert_close(seen["crops"], (images - mean) / std)  # the crops read the same tensor
+    assert "backbone.mean" not in model.state_dict()  # statistics follow the model name
     with pytest.raises(TypeError, match="float"):
-        backbone(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_pretrained_file_loads_a_local_checkpoint(tmp_path) -> None:
@@ -159,7 +169,6 @@ def test_class_bias_uses_focal_prior() -> None:
     torch.testing.assert_close(
         head.cls_pred.bias.sigmoid(), torch.full((NUM_CLASSES,), 0.01), rtol=0, atol=1e-6
     )
-    assert torch.all(head.scales == 1.0)
 
 
 def test_head_rejects_bad_spec_and_level_count() -> None:
@@ -167,33 +176,11 @@ def test_head_rejects_bad_spec_and_level_count() -> None:
         DenseHead(16, 2, {"a.b": 2})
     with pytest.raises(ValueError, match=">= 2 values"):
         DenseHead(16, 2, {"a": 1})
-    head = DenseHead(16, 2, {"a": 2}, num_levels=3)
-    with pytest.raises(ValueError, match="3 levels"):
-        head([torch.rand(1, 16, 4, 4)] * 2)
+    with pytest.raises(ValueError, match="box_bins"):
+        DenseHead(16, 2, {"a": 2}, box_bins=1)
 
 
-@pytest.mark.parametrize(
-    ("extra_levels", "strides"), [("maxpool", [8, 16, 32, 64]), ("p6p7", [8, 16, 32, 64, 128])]
-)
-def test_neck_extra_levels(extra_levels: str, strides: list[int]) -> None:
-    neck = FpnNeck([8, 12, 16], [8, 16, 32], out_channels=16, extra_levels=extra_levels)
-    assert neck.strides == strides
-    maps = neck(
-        [
-            torch.rand(1, c, 128 // s, 128 // s)
-            for c, s in zip([8, 12, 16], [8, 16, 32], strict=True)
-        ]
-    )
-    assert [m.shape[-1] for m in maps] == [128 // s for s in strides]
-    assert all(m.shape[1] == 16 for m in maps)
-    with pytest.raises(ValueError, match="extra_levels"):
-        FpnNeck([8], [8], extra_levels="p6")
-
-
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"extra_levels": "p6p7", "attribute_convs": 1, "head_norm": "batch"}, {"box_bins": 9}],
-)
+@pytest.mark.parametrize("options", [{}, {"box_bins": 9, "head_convs": 2}])
 def test_every_parameter_receives_a_gradient(options: dict) -> None:
     torch.manual_seed(0)
     model = build_detector("test_resnet", 4, {"a": 3, "b": 2}, fpn_channels=16, **options)
@@ -220,12 +207,6 @@ def test_box_distribution_expectation_is_the_distance() -> None:
     expected = (distribution.softmax(dim=-1) * torch.arange(9.0)).sum(dim=-1)
     torch.testing.assert_close(outputs["box_deltas"], expected)
     assert outputs["box_deltas"].min() >= 0 and outputs["box_deltas"].max() <= 8
-    # The direct head has no distribution and keeps its per-level scales.
-    direct = build_detector("test_resnet", 4, {"a": 3}, fpn_channels=16)
-    assert "box_distribution" not in direct(torch.rand(1, 3, 64, 64))
-    assert direct.head.scales is not None and model.head.scales is None
-    with pytest.raises(ValueError, match="box_bins"):
-        DenseHead(16, 4, {"a": 3}, box_bins=1)
 
 
 def test_channels_last_matches_contiguous() -> None:
@@ -253,11 +234,3 @@ def test_bf16_autocast_runs_and_returns_float32() -> None:
         assert torch.isfinite(outputs[key]).all()
     assert outputs["attr_logits"]["a"].dtype == torch.float32
     assert math.isfinite(loss.item())
-
-
-def test_sync_batchnorm_conversion() -> None:
-    model = build_detector("test_resnet", 4, {"a": 3}, fpn_channels=16, head_norm="batch")
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    kinds = {type(m) for m in converted.modules()}
-    assert torch.nn.SyncBatchNorm in kinds
-    assert torch.nn.BatchNorm2d not in kinds

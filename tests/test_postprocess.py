@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lld_lightning.models import PostProcessor, build_detector, postprocess
+from lld_lightning.models import Detector, PostProcess, postprocess
 
 #: A quality logit whose sigmoid is 1 in float32, so that score = sqrt(sigmoid(cls)).
 SURE = 40.0
@@ -162,23 +162,27 @@ def test_clipping_to_one_size_and_per_image_sizes() -> None:
     assert second["labels"].tolist() == [0]
 
 
-def test_postprocessor_matches_function() -> None:
+def test_postprocess_settings_are_the_function_s_keywords() -> None:
     outputs = _outputs(1, [[20.0 + 40.0 * i, 20.0] for i in range(3)])
     outputs["cls_logits"][0, :, 0] = torch.tensor([_cls_for_score(s) for s in (0.3, 0.9, 0.5)])
-    processor = PostProcessor(score_threshold=0.4, max_detections=1)
+    settings = PostProcess(score_threshold=0.4, max_detections=1, max_containment=None)
     (expected,) = postprocess(outputs, score_threshold=0.4, max_detections=1)
-    (actual,) = processor(outputs)
+    (actual,) = postprocess(outputs, **settings.dense_settings())
     torch.testing.assert_close(actual["scores"], expected["scores"])
     torch.testing.assert_close(actual["scores"], torch.tensor([0.9]))
+    for bad in ({"quality_weight": 1.5}, {"classes_per_box": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PostProcess(**bad)
 
 
 def test_runs_on_real_detector_outputs() -> None:
     torch.manual_seed(0)
-    model = build_detector("test_resnet", 4, {"a": 3}, fpn_channels=16).eval()
+    model = Detector(4, {"a": 3}, backbone="test_resnet", fpn_channels=16, readout=None).eval()
     with torch.no_grad():
         outputs = model(torch.rand(2, 3, 64, 64))
     sizes = torch.tensor([[64, 64], [48, 32]])
-    results = postprocess(outputs, score_threshold=0.0, max_detections=7, image_size=sizes)
+    # An untrained head's boxes overlap heavily: NMS at IoU 1 keeps them all.
+    results = postprocess(outputs, score_threshold=0.0, nms_iou=1.0, max_detections=7, image_size=sizes)
     for result, (height, width) in zip(results, sizes.tolist(), strict=True):
         assert result["boxes"].shape == (7, 4)
         assert (result["boxes"][:, 2] <= width).all() and (result["boxes"][:, 3] <= height).all()
@@ -211,5 +215,3 @@ def test_quality_weight_reorders_the_detections() -> None:
     assert torch.allclose(by_class["scores"], torch.tensor([0.9, 0.4]))
     assert torch.allclose(by_quality["scores"], torch.tensor([0.9, 0.1]))
     assert by_class["boxes"][0, 0] < by_quality["boxes"][0, 0]  # location 0 first, then 1 first
-    assert PostProcessor(score_threshold=0.0, quality_weight=1.0)(outputs)[0]["scores"].tolist() == \
-        by_quality["scores"].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,11 +10,18 @@ import pytest
 import torch
 from lightning.pytorch.plugins import Precision
 
+from lld_lightning.callbacks.pseudo import (
+    PseudoLabeller,
+    cap_per_image,
+    pseudo_label_quality,
+    visible,
+)
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.sample import pack_per_image
-from lld_lightning.data.transforms import DeviceAugmentation, GeometryParams
+from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, GeometryParams
+from lld_lightning.models import Detector
 from lld_lightning.module import LldModule
-from lld_lightning.pseudo import PseudoLabeller, pseudo_label_quality
 from tests.conftest import REPO
 
 S = 64
@@ -83,7 +91,8 @@ def test_inside_regions_and_expert_overlaps_are_never_pseudo_labelled() -> None:
         batch["boxes"][0, 1:], torch.tensor([[16.0, 2.0, 26.0, 12.0], [40.0, 40.0, 50.0, 50.0]])
     )
     assert batch["labels"].tolist() == [[1, 2, 0]]
-    assert batch["weights"].tolist() == [[1.0, 1.0, 1.0]]
+    assert batch["weights"].tolist() == [[1.0, 0.5, 0.5]]  # the teacher recipe's weight
+    assert (batch["attributes"][0, 1:] == IGNORE_INDEX).all()  # by default no attribute is copied
 
 
 def test_expert_overlap_above_half_removed_below_kept() -> None:
@@ -145,7 +154,8 @@ def test_weak_to_strong_mapping_is_exact_for_a_flip() -> None:
     }
     params = GeometryParams.identity(1)
     params.hflip = torch.tensor([True])
-    batch = DeviceAugmentation(S, train=True)(raw, params=params)
+    letterbox = Augmentation(crop_size=None)
+    batch = DeviceAugmentation(S, train=True, augmentation=letterbox)(raw, params=params)
     weak = DeviceAugmentation(S, train=False)(raw)
     for key in ("image", "transform", "boxes", "labels", "regions", "region_valid"):
         batch[f"teacher_{key}"] = weak[key]
@@ -158,7 +168,7 @@ def test_weak_to_strong_mapping_is_exact_for_a_flip() -> None:
 
 def test_self_mode_is_the_reference_behaviour() -> None:
     labeller = PseudoLabeller(mode="self")
-    assert (labeller.threshold, labeller.weight, labeller.expert_iou) == (0.95, 0.1, 0.0)
+    assert (labeller.threshold, labeller.weight, labeller.recipe.expert_iou) == (0.95, 0.1, 0.0)
     assert labeller.teacher is None
     batch = _batch()
     labeller.thresholds = torch.tensor([0.95] * 3)
@@ -219,9 +229,7 @@ def _tiny_module() -> LldModule:
     return LldModule(
         num_classes=3,
         attribute_spec={"a": 2, "b": 2},
-        backbone="test_resnet",
-        fpn_channels=16,
-        head_convs=1,
+        detector=functools.partial(Detector, backbone="test_resnet", fpn_channels=32, readout=None),
     )
 
 
@@ -246,7 +254,7 @@ def test_warmup_then_ema_teacher_outside_optimizer_and_gradients() -> None:
     assert int(labeller.teacher.n_averaged) == 1  # the teacher starts as a copy of the student
     assert batch["weights"].shape == batch["labels"].shape and batch["boxes"].shape[1] > 1
 
-    loss = module.weighted_loss(module.criterion(module(batch["image"]), batch))
+    loss = module.criterion.total(module.criterion(module(batch["image"]), batch))
     loss.backward()
     assert all(p.grad is None for p in labeller.teacher.parameters())
     student = next(module.detector.parameters())
@@ -270,10 +278,8 @@ def test_warmup_then_ema_teacher_outside_optimizer_and_gradients() -> None:
 PSEUDO_CALLBACKS = """
 trainer:
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {ckpt}, save_last: true}}
-    - class_path: lld_lightning.pseudo.PseudoLabeller
-      init_args: {{threshold: 0.0, warmup_steps: 1, ema_decay: 0.9}}
+    - class_path: lld_lightning.callbacks.pseudo.PseudoLabeller
+      init_args: {threshold: 0.0, warmup_steps: 1, ema_decay: 0.9}
 """
 
 
@@ -281,7 +287,7 @@ def test_fit_with_the_teacher_in_process(tmp_path: Path, monkeypatch: pytest.Mon
     from lld_lightning.cli import main
 
     extra = tmp_path / "pseudo.yaml"
-    extra.write_text(PSEUDO_CALLBACKS.format(ckpt=tmp_path / "ckpt"))
+    extra.write_text(PSEUDO_CALLBACKS)
     seen: list[bool] = []
     original = LldModule.training_step
 
@@ -298,12 +304,16 @@ def test_fit_with_the_teacher_in_process(tmp_path: Path, monkeypatch: pytest.Mon
             str(REPO / "configs" / "tiny.yaml"),
             "--config",
             str(extra),
-            "--data.synthetic_dir",
+            "--data.synthetic.dir",
             str(tmp_path / "data"),
-            "--data.synthetic_sparse_fraction",
+            "--data.synthetic.sparse_fraction",
             "0.0",
             "--data.sparse_simulation",
             "0.2",
+            "--data.keep_hidden",
+            "true",
+            "--data.teacher_view",
+            "true",
             "--data.batch_size",
             "2",
             "--trainer.limit_train_batches",
@@ -322,109 +332,84 @@ def test_fit_with_the_teacher_in_process(tmp_path: Path, monkeypatch: pytest.Mon
     optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in labeller.teacher.parameters()}
     assert cli.trainer.logged_metrics.get("train/pseudo_per_image") is not None
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
     assert any(
         "teacher" in value for key, value in state["callbacks"].items() if "PseudoLabeller" in key
     )
 
 
-def test_background_threshold_turns_the_empty_field_into_background() -> None:
+def test_teacher_pseudo_labels_do_not_count_in_the_normaliser_self_training_ones_do() -> None:
+    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.99], [0])]
     batch = _with_teacher_view(_batch())
-    # Hidden truth: the expert cell plus two cells outside the region; the teacher finds one
-    # confidently, is unsure about the other, and fires weakly inside the region.
-    batch["hidden_boxes"] = torch.tensor([[[2.0, 2.0, 12.0, 12.0], [40.0, 40.0, 50.0, 50.0],
-                                           [30.0, 2.0, 40.0, 12.0]]])
-    batch["hidden_labels"] = torch.tensor([[1, 0, 2]])
-    preds = [
-        _preds(
-            [
-                [40.0, 40.0, 50.0, 50.0],  # confident: a pseudo-label (and an ignore box)
-                [30.0, 2.0, 40.0, 12.0],  # unsure: ignore box only
-                [4.0, 4.0, 10.0, 10.0],  # inside the expert region: neither
-                [20.0, 50.0, 28.0, 58.0],  # below the background threshold: nothing
-            ],
-            [0.9, 0.3, 0.3, 0.05],
-            [0, 2, 2, 1],
-        )
-    ]
-    labeller = _labeller(threshold=0.5, background_threshold=0.2)
-    stats = labeller.select_and_append(batch, preds, "teacher_")
-    assert int(stats["num_pseudo"]) == 1
-    assert int(stats["num_missed"]) == 0 and int(stats["num_hidden"]) == 2
-    # The student's whole content joined the regions; the unsure boxes became ignore boxes.
-    torch.testing.assert_close(batch["regions"][0, -1], torch.tensor([0.0, 0.0, 64.0, 64.0]))
-    assert batch["region_valid"].tolist() == [[True, True]]
-    kept = batch["ignore_boxes"][0][batch["ignore_valid"][0]]
-    torch.testing.assert_close(kept, torch.tensor([[40.0, 40.0, 50.0, 50.0], [30.0, 2.0, 40.0, 12.0]]))
-
-    # A hidden cell no teacher box covers is counted as learnt-as-background.
-    batch = _with_teacher_view(_batch())
-    batch["hidden_boxes"] = torch.tensor([[[40.0, 40.0, 50.0, 50.0]]])
-    batch["hidden_labels"] = torch.tensor([[0]])
-    stats = labeller.select_and_append(batch, [_preds([], [], [])], "teacher_")
-    assert int(stats["num_missed"]) == 1
-    assert batch["ignore_boxes"].shape == (1, 0, 4)
-
-    with pytest.raises(ValueError, match="background_threshold"):
-        PseudoLabeller(mode="self", background_threshold=0.2)
-
-
-def test_ignore_boxes_make_background_unknown_in_the_assigner() -> None:
-    from lld_lightning.constants import BACKGROUND, IGNORE
-    from lld_lightning.models.assign import assign_locations
-
-    points = torch.tensor([[4.0, 4.0], [20.0, 4.0], [36.0, 4.0]])
-    strides = torch.full((3,), 8.0)
-    cell = torch.tensor([[[0.0, 0.0, 8.0, 8.0]]])
-    whole = torch.tensor([[[0.0, 0.0, 64.0, 64.0]]])
-    valid = torch.ones(1, 1, dtype=torch.bool)
-    plain = assign_locations(points, strides, cell, valid, whole, valid)
-    assert plain.tolist() == [[0, BACKGROUND, BACKGROUND]]
-    # An ignore box over the cell and the second location: the positive stays positive.
-    ignore = torch.tensor([[[0.0, 0.0, 24.0, 8.0]]])
-    matched = assign_locations(points, strides, cell, valid, whole, valid,
-                               ignore_boxes=ignore, ignore_valid=valid)
-    assert matched.tolist() == [[0, IGNORE, BACKGROUND]]
-    # Padding ignore boxes do nothing.
-    matched = assign_locations(points, strides, cell, valid, whole, valid,
-                               ignore_boxes=ignore, ignore_valid=~valid)
-    assert matched.tolist() == plain.tolist()
-
-
-def test_class_only_pseudo_labels_train_no_box_and_no_attributes() -> None:
-    batch = _with_teacher_view(_batch())
-    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.9], [0])]
-    _labeller(threshold=0.5, weight=0.5, localise=False).select_and_append(batch, preds, "teacher_")
-    assert batch["weights"].tolist() == [[1.0, 0.5]]  # the class term still sees it
-    assert batch["box_weights"].tolist() == [[1.0, 0.0]]  # the box and quality terms do not
-    assert batch["attributes"][0, 1].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
-    batch = _with_teacher_view(_batch())
-    _labeller(threshold=0.5, weight=0.5).select_and_append(batch, preds, "teacher_")
-    assert batch["box_weights"].tolist() == [[1.0, 0.5]]
-    assert batch["attributes"][0, 1].tolist() == [1, 0]
-
-
-def test_warmup_fraction_follows_the_runs_length() -> None:
-    labeller = PseudoLabeller(warmup_fraction=0.5)
-    labeller._run_steps = 100
-    assert not labeller.active(49) and labeller.active(50)
-    labeller._run_steps = 40  # a TimeBudget shortened the run
-    assert labeller.active(20)
-    with pytest.raises(ValueError, match="warmup_fraction"):
-        PseudoLabeller(warmup_fraction=1.0)
-    labeller._run_steps = -1
-    with pytest.raises(ValueError, match="max_steps"):
-        labeller.active(0)
-
-
-def test_expert_normaliser_counts_only_the_expert_cells() -> None:
-    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.9], [0])]
-    batch = _with_teacher_view(_batch())
-    _labeller(threshold=0.5, weight=0.5, expert_normaliser=True).select_and_append(
-        batch, preds, "teacher_"
-    )
+    _labeller(threshold=0.5).select_and_append(batch, preds, "teacher_")
     assert batch["weights"].tolist() == [[1.0, 0.5]]
     assert batch["normaliser_weights"].tolist() == [[1.0, 0.0]]
+    batch = _batch()
+    _labeller(mode="self").select_and_append(batch, preds, "")
+    assert "normaliser_weights" not in batch  # the reference counts every positive
+
+
+def test_teacher_mode_refuses_a_data_module_without_the_teacher_view() -> None:
+    module = SimpleNamespace(class_names=["a", "b", "c"])
+    plain = SimpleNamespace(datamodule=LldDataModule(teacher_view=False))
+    with pytest.raises(ValueError, match="--data.teacher_view true"):
+        PseudoLabeller().setup(plain, module, "fit")
+    assert not plain.datamodule.teacher_view  # refused, never switched on behind the user's back
+    PseudoLabeller(mode="self").setup(plain, module, "fit")  # the student's own view suffices
+    PseudoLabeller().setup(plain, module, "validate")  # only fitting makes pseudo-labels
+    # The visibility rule is the data module's own, the one its expert cells follow.
+    strict = Augmentation(min_visibility=0.6, min_size=4.0)
+    with_view = LldDataModule(teacher_view=True, augmentation=strict)
+    labeller = PseudoLabeller()
+    labeller.setup(SimpleNamespace(datamodule=with_view), module, "fit")
+    assert (labeller.min_visibility, labeller.min_size) == (0.6, 4.0)
+
+
+def test_barely_visible_boxes_are_dropped_and_each_image_capped() -> None:
+    moved = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 3)
+    clipped = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 2.5], [0.0, 0.0, 1.5, 10.0]])
+    # Whole; a quarter visible (< 0.3); 1.5 px wide (< 2 px).
+    assert visible(moved, clipped, 0.3, 2.0).tolist() == [True, False, False]
+    image = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert cap_per_image(image, 2, 3).tolist() == [True, True, False, True, True, True]
+
     batch = _with_teacher_view(_batch())
-    _labeller(threshold=0.5, weight=0.5).select_and_append(batch, preds, "teacher_")
-    assert "normaliser_weights" not in batch  # the default: every positive counts
+    preds = [_preds([[40.0, 40.0, 50.0, 50.0], [25.0, 40.0, 35.0, 50.0]], [0.8, 0.9], [0, 2])]
+    _labeller(max_per_image=1).select_and_append(batch, preds, "teacher_")
+    assert batch["labels"].tolist() == [[1, 2]]  # the higher score of the two
+
+
+def test_quality_is_measured_only_against_a_hidden_annotation() -> None:
+    preds = [_preds([[40.0, 40.0, 50.0, 50.0]], [0.9], [0])]
+    batch = _with_teacher_view(_batch())
+    assert set(_labeller().select_and_append(batch, preds, "teacher_")) == {"num_pseudo"}
+    batch = _with_teacher_view(_batch())
+    # The expert cell (inside the region) and two cells outside it, one of them found.
+    batch["hidden_boxes"] = torch.tensor(
+        [[[2.0, 2.0, 12.0, 12.0], [40.0, 40.0, 50.0, 50.0], [30.0, 2.0, 40.0, 12.0]]]
+    )
+    batch["hidden_labels"] = torch.tensor([[1, 0, 2]])
+    stats = _labeller().select_and_append(batch, preds, "teacher_")
+    assert {k: int(v) for k, v in stats.items()} == {
+        "num_pseudo": 1,
+        "num_correct": 1,
+        "num_hidden": 2,
+        "num_found": 1,
+    }
+
+
+def test_self_training_detects_with_the_student_and_leaves_it_training() -> None:
+    torch.manual_seed(0)
+    module = _tiny_module()
+    labeller = PseudoLabeller(mode="self", threshold=0.0)
+    labeller.on_fit_start(SimpleNamespace(global_step=0), module)
+    assert labeller.teacher is None
+    batch = _batch(2)
+    batch["labels"][:] = IGNORE_INDEX  # no expert cell: an untrained detector's boxes may stay
+    stats = labeller.add_pseudo_labels(batch, module)
+    assert module.detector.training  # eval mode only for the detection pass
+    assert int(stats["num_pseudo"]) > 0
+    pseudo = batch["labels"][:, 1:] >= 0
+    assert int(pseudo.sum()) == int(stats["num_pseudo"])
+    torch.testing.assert_close(batch["weights"][:, 1:], pseudo.float() * 0.1)

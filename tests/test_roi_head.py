@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lld_lightning.boxes import grow_boxes
 from lld_lightning.constants import IGNORE_INDEX, LLD_ATTRIBUTE_SPEC
 from lld_lightning.losses import SparseDetectionLoss
-from lld_lightning.models import build_detector, postprocess
+from lld_lightning.models import Detector, PostProcess, Readout, postprocess
 from lld_lightning.models.postprocess import apply_readout
-from lld_lightning.models.roi_head import RoiHead, grow_boxes, training_rois
+from lld_lightning.models.roi_head import RoiHead, training_rois
 
 SPEC = {"size": 3, "shape": 2}
 
@@ -95,6 +97,7 @@ def _roi_outputs(targets: dict, seed: int = 0) -> dict:
     return {
         "cls_logits": torch.randn(2, 64, 3, generator=generator),
         "box_deltas": torch.rand(2, 64, 4, generator=generator) + 0.5,
+        "box_distribution": torch.randn(2, 64, 4, 5, generator=generator),
         "quality_logits": torch.randn(2, 64, generator=generator),
         "attr_logits": {k: torch.randn(2, 64, v, generator=generator) for k, v in SPEC.items()},
         "points": points,
@@ -190,7 +193,7 @@ def test_apply_readout_reclasses_boxes_and_caps_per_image() -> None:
 
 def test_detector_with_readout_reads_every_detection_and_trains_every_parameter() -> None:
     torch.manual_seed(0)
-    model = build_detector("test_resnet", 4, SPEC, fpn_channels=16, head_convs=1, roi_readout=True)
+    model = Detector(4, SPEC, backbone="test_resnet", fpn_channels=16, readout=Readout(pixel_crop=0))
     for module in model.backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(module.weight)
@@ -207,8 +210,8 @@ def test_detector_with_readout_reads_every_detection_and_trains_every_parameter(
     model.eval()
     with torch.no_grad():
         outputs = model(images)
-        preds = model.detections(outputs, image_size=(64, 64), classes_per_box=2, score_threshold=0.0,
-                                 max_detections=10)
+        settings = PostProcess(score_threshold=0.0, max_detections=10, classes_per_box=2)
+        preds = model.detections(outputs, images, settings, image_size=(64, 64), evaluation=True)
     for pred in preds:
         # Two hypotheses per box, each box at most twice, attributes per box.
         assert pred["boxes"].shape[0] <= 10
@@ -221,8 +224,9 @@ def test_detector_with_readout_reads_every_detection_and_trains_every_parameter(
 def test_lld_spec_readout_builds_from_module() -> None:
     from lld_lightning.module import LldModule
 
-    module = LldModule(backbone="test_resnet", fpn_channels=16, head_convs=1, roi_readout=True)
-    assert module.detector.roi_head is not None
+    module = LldModule(detector=functools.partial(Detector, backbone="test_resnet", fpn_channels=16))
+    assert module.detector.roi_head is not None  # the read-out is the default
+    assert module.detector.roi_head.class_crop_encoder is not None
     assert set(module.detector.roi_head.attr_preds) == set(LLD_ATTRIBUTE_SPEC)
 
 
@@ -258,13 +262,11 @@ def test_pixel_crop_read_out_needs_images_and_trains_only_attributes() -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{}, {"roi_pixel_crop": 16}, {"roi_pixel_crop": 16, "roi_crop_classes": True}],
+    "readout",
+    [Readout(pixel_crop=0), Readout(pixel_crop=16, crop_classes=False), Readout(pixel_crop=16)],
 )
-def test_read_out_variants_detect_and_train(options: dict) -> None:
-    detector = build_detector(
-        "test_resnet", 3, SPEC, fpn_channels=16, head_convs=1, roi_readout=True, **options
-    )
+def test_read_out_variants_detect_and_train(readout: Readout) -> None:
+    detector = Detector(3, SPEC, backbone="test_resnet", fpn_channels=16, readout=readout)
     images = torch.rand(2, 3, 64, 64)
     rois = [torch.tensor([[4.0, 4.0, 30.0, 30.0]]), torch.tensor([[20.0, 10.0, 50.0, 44.0]])]
     out = detector(images, rois=rois)
@@ -272,7 +274,8 @@ def test_read_out_variants_detect_and_train(options: dict) -> None:
     sum(v.sum() for v in out["roi"]["attr_logits"].values()).backward()
     detector.eval()
     with torch.no_grad():
-        dets = detector.detections(detector(images), image_size=(64, 64), classes_per_box=2)
+        settings = PostProcess(classes_per_box=2)
+        dets = detector.detections(detector(images), images, settings, image_size=(64, 64), evaluation=True)
     assert len(dets) == 2 and dets[0]["attributes"].shape[1] == len(SPEC)
 
 

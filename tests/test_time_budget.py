@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import lld_lightning.time_budget as time_budget
+import lld_lightning.callbacks.time_budget as time_budget
+from lld_lightning.callbacks.time_budget import TimeBudget
 from lld_lightning.cli import main
-from lld_lightning.time_budget import TimeBudget
 from tests.conftest import REPO
 
 
@@ -38,10 +38,10 @@ def _fit_with_budget(
     return main([
         "fit",
         "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--data.synthetic_dir", str(tmp_path / "data"),
+        "--data.synthetic.dir", str(tmp_path / "data"),
         "--trainer.default_root_dir", str(tmp_path / "run"),
         *args,
-        "--trainer.callbacks+=lld_lightning.time_budget.TimeBudget",
+        "--trainer.callbacks+=lld_lightning.callbacks.time_budget.TimeBudget",
         "--trainer.callbacks.minutes", minutes,
         "--trainer.callbacks.calibration_steps", calibration_steps,
         "--trainer.callbacks.update_every", "2",
@@ -71,6 +71,7 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
     # said, less the seconds kept for the final validation (none has been timed before it).
     assert budget.planned_steps == steps
     assert cli.trainer.global_step == budget.planned_steps
+    assert cli.trainer.max_steps == -1  # stopped through trainer.should_stop, max_steps untouched
     assert cli.model._schedule_steps == budget.planned_steps
     lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
     hparams = cli.model.hparams
@@ -80,6 +81,14 @@ def test_budget_sets_steps_and_schedule_and_validates_last(
     assert summary["planned_steps"] == steps
     # The final validation is the only one: two clock readings apart, counted in the summary.
     assert summary["validations"] == 1 and summary["validation_s"] == 1.0
+
+
+def test_a_step_limit_of_the_users_caps_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = _fit_with_budget(tmp_path, monkeypatch, "0.2", "2", "--trainer.max_steps", "5")
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, TimeBudget))
+    assert budget.planned_steps == cli.trainer.global_step == cli.model._schedule_steps == 5
 
 
 def test_budget_stops_before_calibration_when_time_is_up(

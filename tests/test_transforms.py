@@ -10,6 +10,7 @@ import torch
 from lld_lightning.constants import IGNORE_INDEX
 from lld_lightning.data.sample import collate
 from lld_lightning.data.transforms import (
+    Augmentation,
     DeviceAugmentation,
     GeometryParams,
     geometry_matrix,
@@ -61,11 +62,15 @@ def params(**overrides) -> GeometryParams:
     return p
 
 
+def augment(image_size: int, train: bool = True, **options) -> DeviceAugmentation:
+    """`DeviceAugmentation` letterboxing to ``image_size`` (no crops unless asked) with ``options``."""
+    return DeviceAugmentation(image_size, train, Augmentation(**{"crop_size": None, **options}))
+
+
 def geometric_only(image_size: int, **kwargs) -> DeviceAugmentation:
     """Train mode without photometry, so pixels can be compared exactly."""
-    return DeviceAugmentation(
-        image_size=image_size,
-        train=True,
+    return augment(
+        image_size,
         color_jitter=0.0,
         stain_jitter=0.0,
         blur=0.0,
@@ -153,7 +158,7 @@ def test_letterbox_100x50_to_64_by_hand():
     image = torch.zeros(3, 100, 50, dtype=torch.uint8)
     image[:, 20:40, 10:30] = 200  # a uniform block exactly under the box
     batch = make_batch(image, [[10.0, 20.0, 30.0, 40.0]])
-    out = DeviceAugmentation(image_size=64, train=False, fill=FILL)(batch)
+    out = augment(64, train=False, fill=FILL)(batch)
 
     scale = 64 / 100  # the longer side (h = 100) becomes 64
     expected_transform = torch.tensor([[scale, 0, 0], [0, scale, 0], [0, 0, 1.0]])
@@ -217,7 +222,7 @@ def test_box_leaving_the_image_is_dropped_and_half_visible_box_is_clipped():
 def test_small_boxes_are_dropped_by_min_size():
     image = torch.zeros(3, 10, 10, dtype=torch.uint8)
     batch = make_batch(image, [[1.0, 1.0, 2.5, 5.0], [4.0, 4.0, 8.0, 8.0]])
-    out = DeviceAugmentation(image_size=10, train=False, min_size=2.0)(batch)
+    out = augment(10, train=False, min_size=2.0)(batch)
     assert out["labels"].tolist() == [[IGNORE_INDEX, 1]]
 
 
@@ -233,7 +238,7 @@ def test_padding_cells_stay_padding_and_empty_batches_work():
     torch.testing.assert_close(out["boxes"][0], torch.tensor([[3.0, 1, 7, 5], [0, 0, 0, 0]]))
 
     empty = make_batch(image, [])
-    out = DeviceAugmentation(image_size=8)(empty, generator=torch.Generator().manual_seed(0))
+    out = augment(8)(empty, generator=torch.Generator().manual_seed(0))
     assert out["boxes"].shape == (1, 0, 4) and out["labels"].shape == (1, 0)
     assert out["attributes"].shape == (1, 0, NUM_ATTRIBUTES)
 
@@ -244,7 +249,7 @@ def test_padding_cells_stay_padding_and_empty_batches_work():
 def test_transform_maps_original_to_output_and_invert_recovers_boxes():
     generator = torch.Generator().manual_seed(3)
     sizes = torch.tensor([[30, 40], [50, 20], [64, 64], [10, 90]])
-    aug = DeviceAugmentation(image_size=64)
+    aug = augment(64)
     p = aug.sample_geometry(4, generator)
     matrix = geometry_matrix(sizes, 64, p)
     boxes = torch.rand(4, 5, 4, generator=generator) * 10
@@ -255,7 +260,7 @@ def test_transform_maps_original_to_output_and_invert_recovers_boxes():
     image = torch.zeros(3, 40, 40, dtype=torch.uint8)
     original = [[10.0, 12.0, 20.0, 18.0], [25.0, 5.0, 33.0, 30.0]]
     batch = make_batch(image, original)
-    aug = DeviceAugmentation(image_size=64, translate=0.0, scale=(0.9, 1.1), min_visibility=0.0)
+    aug = augment(64, translate=0.0, scale=(0.9, 1.1), min_visibility=0.0)
     for seed in range(6):
         out = aug(batch, generator=torch.Generator().manual_seed(seed))
         assert out["labels"].tolist() == [[0, 1]]
@@ -271,7 +276,7 @@ def test_eval_is_deterministic_and_train_is_reproducible_with_a_generator():
     torch.manual_seed(1)
     image = torch.randint(0, 256, (3, 24, 32), dtype=torch.uint8)
     batch = make_batch(image, [[4.0, 4.0, 12.0, 12.0]])
-    evaluator = DeviceAugmentation(image_size=32, train=False)
+    evaluator = augment(32, train=False)
     first, second = evaluator(batch), evaluator(batch, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(first["image"], second["image"], atol=0, rtol=0)
     torch.testing.assert_close(first["boxes"], second["boxes"], atol=0, rtol=0)
@@ -279,7 +284,7 @@ def test_eval_is_deterministic_and_train_is_reproducible_with_a_generator():
     torch.testing.assert_close(first["transform"][0], torch.eye(3))
     torch.testing.assert_close(first["image"][0, :, :24], image.float() / 255)
 
-    trainer = DeviceAugmentation(image_size=32, color_jitter=1.0, noise=1.0)
+    trainer = augment(32, color_jitter=1.0, noise=1.0)
     a = trainer(batch, generator=torch.Generator().manual_seed(5))
     b = trainer(batch, generator=torch.Generator().manual_seed(5))
     c = trainer(batch, generator=torch.Generator().manual_seed(6))
@@ -289,10 +294,10 @@ def test_eval_is_deterministic_and_train_is_reproducible_with_a_generator():
 
 
 def test_probability_one_always_flips():
-    aug = DeviceAugmentation(hflip=1.0, vflip=0.0, rot90=0.0)
+    aug = augment(640, hflip=1.0, vflip=0.0, rot90=0.0)
     p = aug.sample_geometry(16, torch.Generator().manual_seed(0))
     assert p.hflip.all() and not p.vflip.any() and (p.quarter_turns == 0).all()
-    p = DeviceAugmentation(rot90=1.0).sample_geometry(64, torch.Generator().manual_seed(0))
+    p = augment(640, rot90=1.0).sample_geometry(64, torch.Generator().manual_seed(0))
     assert set(p.quarter_turns.tolist()) == {1, 3}
 
 
@@ -321,9 +326,7 @@ def test_mixed_size_batch_of_three_full_augmentation():
         _sample(20, 20, [], 2),
     ]
     batch = collate(samples)
-    aug = DeviceAugmentation(
-        image_size=48, color_jitter=1.0, stain_jitter=1.0, blur=1.0, noise=1.0, fill=FILL
-    )
+    aug = augment(48, color_jitter=1.0, stain_jitter=1.0, blur=1.0, noise=1.0, fill=FILL)
     out = aug(batch, generator=torch.Generator().manual_seed(0))
     image = out["image"]
     assert image.dtype == torch.float32 and image.shape == (3, 3, 48, 48)
@@ -335,7 +338,7 @@ def test_mixed_size_batch_of_three_full_augmentation():
     assert int(kept.sum()) >= 2  # not vacuous: this seed keeps cells
     boxes = out["boxes"][kept]
     assert torch.all(boxes >= 0) and torch.all(boxes <= 48)
-    assert torch.all(boxes[:, 2:] - boxes[:, :2] >= aug.min_size)
+    assert torch.all(boxes[:, 2:] - boxes[:, :2] >= aug.options.min_size)
     # Each kept box is its original box moved by that image's transform and clipped.
     expected = transform_boxes(batch["boxes"], out["transform"]).clamp(0, 48)
     torch.testing.assert_close(boxes, expected[kept])
@@ -345,8 +348,8 @@ def test_mixed_size_batch_of_three_full_augmentation():
 def test_photometry_leaves_letterbox_padding_at_fill():
     image = torch.full((3, 30, 60), 180, dtype=torch.uint8)
     batch = make_batch(image, [[5.0, 5.0, 20.0, 20.0]])
-    aug = DeviceAugmentation(
-        image_size=60,
+    aug = augment(
+        60,
         hflip=0.0,
         vflip=0.0,
         rot90=0.0,
@@ -356,7 +359,6 @@ def test_photometry_leaves_letterbox_padding_at_fill():
         stain_jitter=1.0,
         blur=1.0,
         noise=1.0,
-        noise_std=0.1,
         fill=FILL,
     )
     out = aug(batch, generator=torch.Generator().manual_seed(0))
@@ -369,7 +371,7 @@ def test_collate_padding_and_fill_never_blend_into_the_image():
     image = torch.zeros(3, 16, 16, dtype=torch.uint8)
     image[:, :8, :12] = 255
     batch = make_batch(image, [], image_size=(8, 12))
-    out = DeviceAugmentation(image_size=24, train=False, fill=FILL)(batch)
+    out = augment(24, train=False, fill=FILL)(batch)
     assert out["transform"][0, 0, 0] == pytest.approx(2.0)
     torch.testing.assert_close(out["image"][0, :, :16, :], torch.ones(3, 16, 24))
     assert torch.all(out["image"][0, :, 16:, :] == FILL)
@@ -403,8 +405,8 @@ def test_photometric_ops_are_per_image():
     torch.manual_seed(0)
     images = torch.randint(60, 200, (2, 3, 16, 16), dtype=torch.uint8)
     batch = collate([{**_sample(16, 16, [], i), "image": images[i]} for i in range(2)])
-    aug = DeviceAugmentation(
-        image_size=16,
+    aug = augment(
+        16,
         hflip=0,
         vflip=0,
         rot90=0,
@@ -430,8 +432,6 @@ def test_photometric_ops_are_per_image():
 
 def test_region_crop_keeps_native_resolution_and_centres_the_region() -> None:
     """Training crops: one original pixel = one output pixel, the crop lies on the annotated region."""
-    from lld_lightning.data.sample import collate
-
     image = torch.zeros(3, 400, 600, dtype=torch.uint8)
     image[:, 300:340, 450:500] = 200  # the labelled cell, inside the region
     sample = {
@@ -440,11 +440,23 @@ def test_region_crop_keeps_native_resolution_and_centres_the_region() -> None:
         "labels": torch.tensor([3]),
         "attributes": torch.zeros(1, 7, dtype=torch.int64),
         "regions": torch.tensor([[455.0, 305.0, 495.0, 335.0]]),
-        "domain": "d", "image_id": 0, "path": "x.png",
+        "domain": "d",
+        "image_id": 0,
+        "path": "x.png",
     }
-    aug = DeviceAugmentation(image_size=600, train=True, crop_size=128, hflip=0, vflip=0, rot90=0,
-                             scale=(1.0, 1.0), translate=0.0, color_jitter=0, stain_jitter=0,
-                             blur=0, noise=0)
+    aug = augment(
+        600,
+        crop_size=128,
+        hflip=0,
+        vflip=0,
+        rot90=0,
+        scale=(1.0, 1.0),
+        translate=0.0,
+        color_jitter=0,
+        stain_jitter=0,
+        blur=0,
+        noise=0,
+    )
     for seed in range(5):
         out = aug(collate([sample]), generator=torch.Generator().manual_seed(seed))
         assert out["image"].shape == (1, 3, 128, 128)
@@ -460,5 +472,30 @@ def test_region_crop_keeps_native_resolution_and_centres_the_region() -> None:
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         assert out["image"][0, :, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].min() > 0.7  # the cell's pixels
     # evaluation ignores crop_size
-    eval_aug = DeviceAugmentation(image_size=600, train=False, crop_size=128)
+    eval_aug = augment(600, train=False, crop_size=128)
     assert eval_aug(collate([sample]))["image"].shape == (1, 3, 600, 600)
+
+
+def test_defaults_are_the_recipe_native_crops_in_training_letterbox_in_eval() -> None:
+    image = torch.zeros(3, 640, 640, dtype=torch.uint8)
+    batch = make_batch(
+        image, [[300.0, 300.0, 340.0, 340.0]], regions=[[280.0, 280.0, 360.0, 360.0]]
+    )
+    out = DeviceAugmentation()(batch, generator=torch.Generator().manual_seed(0))
+    assert out["image"].shape == (1, 3, 256, 256)
+    # native resolution: one original pixel is scale (0.9 to 1.1) output pixels
+    assert 0.9 <= float(out["transform"][0, :2, :2].abs().sum(0).max()) <= 1.1
+    assert DeviceAugmentation(train=False)(batch)["image"].shape == (1, 3, 640, 640)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"scale": (1.2, 0.8)}, "scale"),
+        ({"scale": (0.0, 1.0)}, "scale"),
+        ({"crop_size": 0}, "crop_size"),
+    ],
+)
+def test_bad_augmentation_settings_are_refused(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Augmentation(**options)

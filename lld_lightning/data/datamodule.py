@@ -1,8 +1,14 @@
-"""`LldDataModule`: LLD-style images across microscope/camera domains, for Lightning."""
+"""`LldDataModule`: LLD-style images across microscope/camera domains, for Lightning.
+
+The constructor's grouped options (`SyntheticData`, `Splits`, `Domains`, `ReadOptions` and
+`transforms.Augmentation`) are small frozen dataclasses, so ``lld fit --help`` lists them as
+nested options (``--data.synthetic.num_images``) and a config gives them as mappings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,110 +23,185 @@ from lld_lightning.data.dataset import LldDataset
 from lld_lightning.data.errors import DataError, DataReport, OnError
 from lld_lightning.data.formats.load import load_records, summarize_records
 from lld_lightning.data.formats.options import FormatOptions
-from lld_lightning.data.images import probe_image
+from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, probe_image
 from lld_lightning.data.records import ImageRecord
-from lld_lightning.data.sample import collate
+from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.sparse import simulate_sparse
-from lld_lightning.data.transforms import DeviceAugmentation
+from lld_lightning.data.transforms import Augmentation, DeviceAugmentation
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The batch keys that the teacher's view repeats, as ``teacher_<key>``.
+TEACHER_KEYS: tuple[str, ...] = ("image", "transform", "boxes", "labels", "regions", "region_valid")
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """The built-in synthetic LLD-like data, generated on first use when ``root`` is null.
+
+    Args:
+        dir: folder holding the generated data sets, one subfolder per setting.
+        num_images: images over all domains and splits.
+        image_size: side of the square fields in pixels.
+        sparse_fraction: annotated area fraction of each training image; 0 = fully annotated.
+    """
+
+    dir: str = "data/synthetic"
+    num_images: int = 1200
+    image_size: int = 640
+    sparse_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Split names (folder names, COCO json stems) and the validation hold-out.
+
+    Args:
+        train: the training split.
+        val: the validation split; when the data has none, ``val_fraction`` of train is held out.
+        test: the test split (never used for validation).
+        val_fraction: seeded fraction of the training images held out when there is no val split.
+    """
+
+    train: str = "train"
+    val: str = "val"
+    test: str = "test"
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Domains:
+    """Domain names to use per stage, null = all (e.g. train on ``H_*``, test on ``L_*``).
+
+    Args:
+        train: domains of the training images.
+        val: domains of the validation images.
+        test: domains of the test images (one test loader per domain).
+    """
+
+    train: list[str] | None = None
+    val: list[str] | None = None
+    test: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How label files and images are read and checked (``docs/formats.md``).
+
+    Args:
+        on_error: ``raise`` stops at the first bad label with its file and line; ``skip`` drops the image and counts it.
+        missing_labels: an image without a label file is an ``error`` or ``unlabelled`` (no annotated region).
+        region_order: LLD region columns: ``xyxy`` (x1 y1 x2 y2) or ``xxyy`` (x1 x2 y1 y2).
+        check_images: ``header`` opens each image header, ``full`` also decodes it, ``none`` opens nothing.
+        max_image_pixels: an image with more pixels (width x height) is an error.
+        manifest: CSV (relative to ``root``) giving each image's domain.
+        domain_column: the manifest column holding the domain.
+        attribute_csv: CSV (relative to ``root``) joining attributes to plain YOLO labels.
+        attribute_columns: attributes read from ``attribute_csv``, ``{name: [values in index order]}``.
+    """
+
+    on_error: OnError = "raise"
+    missing_labels: Literal["error", "unlabelled"] = "error"
+    region_order: Literal["xyxy", "xxyy"] = "xyxy"
+    check_images: Literal["none", "header", "full"] = "header"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    manifest: str | None = None
+    domain_column: str = "source"
+    attribute_csv: str | None = None
+    attribute_columns: dict[str, list[str]] | None = None
 
 
 class LldDataModule(L.LightningDataModule):
     """Serves LLD images (or any dataset in the LLD, COCO or plain YOLO format) by split and domain.
 
-    With ``root=None`` it generates the built-in synthetic LLD-like data set on first use
-    (``synthetic_dir``), so a fresh clone trains without any download.
+    With ``root`` null it generates the built-in synthetic data set on first use
+    (``synthetic``), so a fresh clone trains without any download. The defaults are the shipped
+    recipe (``configs/sparse.yaml``).
 
     Args:
-        root: dataset folder; ``None`` = the built-in synthetic data.
-        format: ``lld`` (sparse YOLO, 16 numbers a row), ``coco`` (COCO JSON with attributes) or
-            ``yolo`` (plain, fully annotated).
-        train_domains, val_domains, test_domains: domain names to use per stage; ``None`` = all.
-            Train on ``H_*`` and test on ``L_*`` to measure domain shift.
-        train_split, val_split, test_split: split names (folder names / COCO json stems).
-        val_fraction: when the data has no ``val_split``, this seeded fraction of the training
-            images becomes the validation set (val is never the test set).
-        image_size: square model input size; images are letterboxed on the device.
-        sparse_simulation: area fraction of one seeded rectangle kept labelled per training image
-            (the paper's protocol, 0.2); ``None`` keeps the annotations as they are.
+        root: dataset folder; null = the built-in synthetic data.
+        format: ``lld`` (sparse YOLO, 16 numbers a row), ``coco`` (COCO JSON with attributes) or ``yolo`` (plain, fully annotated).
+        class_names: class names; their count is the model's number of classes (default: the LLD classes).
+        attribute_spec: ``{name: number of values}`` (default: the LLD attributes; none for ``yolo``; derived from ``reading.attribute_columns`` when given).
+        image_size: square model input size of evaluation; images are letterboxed on the device.
+        batch_size: images per batch.
+        num_workers: data-loading worker processes.
         seed: seed of the sparse rectangles, the val hold-out and the synthetic data.
-        on_error: ``raise`` stops at the first bad label with the file and line; ``skip`` drops
-            the image, counts it and reports the counts.
-        missing_labels: an image without a label file is an ``error`` or ``unlabelled``.
-        region_order: LLD region columns: ``xyxy`` (x1 y1 x2 y2) or ``xxyy`` (x1 x2 y1 y2).
-        class_names: class names, their count is the model's number of classes.
-        attribute_spec: ``{name: number of values}``; for ``yolo`` with ``attribute_csv`` it is
-            derived from ``attribute_columns``.
-        manifest, domain_column: CSV (relative to ``root``) giving each image's domain.
-        attribute_csv, attribute_columns: attributes joined from a CSV (``{name: [values]}``).
-        augmentation: keyword arguments of `DeviceAugmentation` for training.
-        predict_root: a folder of images (any layout) for ``lld predict``.
-
-    Attributes:
-        teacher_view: when True (set by `lld_lightning.pseudo.PseudoLabeller`), training batches
-            also carry a weak view of the same images for a teacher: the evaluation letterbox,
-            as ``teacher_image`` ``[B, 3, S, S]``, ``teacher_transform`` ``[B, 3, 3]`` and the
-            expert annotation in that view (``teacher_boxes``, ``teacher_labels``,
-            ``teacher_regions``, ``teacher_region_valid``). Boxes map from the teacher's view to
-            the student's with ``transform @ inverse(teacher_transform)``.
+        splits: split names and the val hold-out.
+        domains: domains to use per stage.
+        reading: how label files and images are read and checked.
+        augmentation: the training augmentation; its cell filter and fill apply to evaluation too.
+        synthetic: the built-in synthetic data (used when ``root`` is null).
+        sparse_simulation: keep one seeded rectangle of this area fraction labelled per training image (the paper's protocol, 0.2); null keeps the labels.
+        keep_hidden: with ``sparse_simulation``, training batches also carry the full annotation (``hidden_boxes``, ``hidden_labels``) to score pseudo-labels.
+        teacher_view: training batches also carry the evaluation view of the same images (``teacher_*`` keys) for the pseudo-labeller's teacher.
+        predict_root: a folder of images (any layout), or one image, for ``lld predict``.
     """
 
     def __init__(
         self,
         root: str | None = None,
         format: Literal["lld", "coco", "yolo"] = "lld",
-        train_domains: list[str] | None = None,
-        val_domains: list[str] | None = None,
-        test_domains: list[str] | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "test",
-        val_fraction: float = 0.1,
+        class_names: list[str] | None = None,
+        attribute_spec: dict[str, int] | None = None,
         image_size: int = 640,
         batch_size: int = 8,
         num_workers: int = 2,
-        pin_memory: bool = True,
-        sparse_simulation: float | None = None,
         seed: int = 0,
-        on_error: OnError = "raise",
-        missing_labels: Literal["error", "unlabelled"] = "error",
-        region_order: Literal["xyxy", "xxyy"] = "xyxy",
-        max_image_pixels: int = 50_000_000,
-        check_images: Literal["none", "header", "full"] = "header",
-        class_names: list[str] | None = None,
-        attribute_spec: dict[str, int] | None = None,
-        manifest: str | None = None,
-        domain_column: str = "source",
-        attribute_csv: str | None = None,
-        attribute_columns: dict[str, list[str]] | None = None,
-        augmentation: dict[str, Any] | None = None,
+        splits: Splits = Splits(),  # noqa: B008 (frozen dataclasses: never mutated)
+        domains: Domains = Domains(),  # noqa: B008
+        reading: ReadOptions = ReadOptions(),  # noqa: B008
+        augmentation: Augmentation = Augmentation(),  # noqa: B008
+        synthetic: SyntheticData = SyntheticData(),  # noqa: B008
+        sparse_simulation: float | None = None,
+        keep_hidden: bool = False,
+        teacher_view: bool = False,
         predict_root: str | None = None,
-        synthetic_dir: str = "data/synthetic",
-        synthetic_images: int = 480,
-        synthetic_image_size: int = 640,
-        synthetic_sparse_fraction: float = 0.2,
     ) -> None:
         super().__init__()
-        class_names = list(class_names) if class_names is not None else list(LLD_CLASSES)
-        if attribute_columns is not None:
-            attribute_spec = {name: len(values) for name, values in attribute_columns.items()}
-        elif attribute_spec is None:
-            attribute_spec = dict(LLD_ATTRIBUTE_SPEC) if format != "yolo" else {}
-        # The label space is logged once, by the model it is linked into.
-        self.save_hyperparameters(ignore=["class_names", "attribute_spec"])
+        # The label space is logged once, by the model it is linked into; groups are stored as
+        # plain dicts so that checkpoints load with torch's weights_only.
+        self.save_hyperparameters(
+            {
+                "root": root,
+                "format": format,
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "seed": seed,
+                "splits": dataclasses.asdict(splits),
+                "domains": dataclasses.asdict(domains),
+                "reading": dataclasses.asdict(reading),
+                "augmentation": dataclasses.asdict(augmentation),
+                "synthetic": dataclasses.asdict(synthetic),
+                "sparse_simulation": sparse_simulation,
+                "keep_hidden": keep_hidden,
+                "teacher_view": teacher_view,
+                "predict_root": predict_root,
+            }
+        )
         self.root = Path(root) if root is not None else None
         self.format = format
-        self.class_names = class_names
-        self.attribute_spec = dict(attribute_spec)
-        self.report = DataReport(on_error=on_error)
+        self.class_names = list(class_names) if class_names is not None else list(LLD_CLASSES)
+        self.attribute_spec = _attribute_spec(format, attribute_spec, reading.attribute_columns)
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.seed = seed
+        self.splits, self.domains, self.reading, self.synthetic = (
+            splits,
+            domains,
+            reading,
+            synthetic,
+        )
+        self.sparse_simulation, self.keep_hidden = sparse_simulation, keep_hidden
+        self.teacher_view = teacher_view
+        self.predict_root = predict_root
+        self.report = DataReport(on_error=reading.on_error)
         self.train_set: LldDataset | None = None
         self.val_set: LldDataset | None = None
         self.test_sets: dict[str, LldDataset] = {}
         self.predict_set: LldDataset | None = None
-        self.train_augmentation = DeviceAugmentation(image_size=image_size, train=True, **(augmentation or {}))
-        self.eval_transform = DeviceAugmentation(image_size=image_size, train=False)
-        self.teacher_view = False
+        self.train_augmentation = DeviceAugmentation(
+            image_size, train=True, augmentation=augmentation
+        )
+        self.eval_transform = DeviceAugmentation(image_size, train=False, augmentation=augmentation)
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -136,9 +217,10 @@ class LldDataModule(L.LightningDataModule):
         """The dataset folder actually read (the synthetic folder when ``root`` is ``None``)."""
         if self.root is not None:
             return self.root
-        h = self.hparams
-        return Path(h.synthetic_dir) / (
-            f"n{h.synthetic_images}_s{h.synthetic_image_size}_seed{h.seed}_sparse{h.synthetic_sparse_fraction}"
+        s = self.synthetic
+        return (
+            Path(s.dir)
+            / f"n{s.num_images}_s{s.image_size}_seed{self.seed}_sparse{s.sparse_fraction}"
         )
 
     # ----------------------------------------------------------------------------------- setup
@@ -148,32 +230,33 @@ class LldDataModule(L.LightningDataModule):
             return
         from lld_lightning.data import synthetic
 
-        h = self.hparams
+        s = self.synthetic
         kwargs = dict(
-            num_images=h.synthetic_images,
-            seed=h.seed,
-            image_size=h.synthetic_image_size,
-            sparse_fraction=h.synthetic_sparse_fraction,
+            num_images=s.num_images,
+            seed=self.seed,
+            image_size=s.image_size,
+            sparse_fraction=s.sparse_fraction,
         )
         if not synthetic.is_generated(self.data_root, **kwargs):
             synthetic.generate(self.data_root, **kwargs)
 
     def format_options(self) -> FormatOptions:
-        h = self.hparams
+        """What the label-format readers need besides the folder (label space and ``reading``)."""
+        r = self.reading
         kwargs: dict[str, Any] = dict(
             num_classes=self.num_classes,
             class_names=self.class_names,
             attribute_spec=self.attribute_spec,
-            region_order=h.region_order,
-            missing_labels=h.missing_labels,
-            max_image_pixels=h.max_image_pixels,
-            manifest=h.manifest,
-            domain_column=h.domain_column,
-            attribute_csv=h.attribute_csv,
-            check_images=h.check_images,
+            region_order=r.region_order,
+            missing_labels=r.missing_labels,
+            max_image_pixels=r.max_image_pixels,
+            manifest=r.manifest,
+            domain_column=r.domain_column,
+            attribute_csv=r.attribute_csv,
+            check_images=r.check_images,
         )
-        if h.attribute_columns is not None:
-            kwargs["attribute_columns"] = h.attribute_columns
+        if r.attribute_columns is not None:
+            kwargs["attribute_columns"] = r.attribute_columns
         return FormatOptions(**kwargs)
 
     def load_all_records(self) -> list[ImageRecord]:
@@ -183,7 +266,6 @@ class LldDataModule(L.LightningDataModule):
         return load_records(self.data_root, self.format, self.format_options(), self.report)
 
     def setup(self, stage: str | None = None) -> None:
-        h = self.hparams
         if stage == "predict":
             self.predict_set = self._predict_dataset()
             return
@@ -193,30 +275,41 @@ class LldDataModule(L.LightningDataModule):
         by_split: dict[str, list[ImageRecord]] = {}
         for record in records:
             by_split.setdefault(record.split, []).append(record)
-        train = self._select(by_split.get(h.train_split, []), h.train_domains, "train")
-        val = self._select(by_split.get(h.val_split, []), h.val_domains, "val")
+        splits, domains = self.splits, self.domains
+        train = self._select(by_split.get(splits.train, []), domains.train, "train")
+        val = self._select(by_split.get(splits.val, []), domains.val, "val")
         if not val and train:
-            train, val = self._hold_out(train, h.val_fraction)
-        hidden: list[ImageRecord] | None = None
-        if h.sparse_simulation is not None:
-            # The full annotation stays with the sample (never trained on) to score pseudo-labels.
-            hidden = train
-            train = [simulate_sparse(r, h.sparse_simulation, h.seed) for r in train]
-        test = self._select(by_split.get(h.test_split, []), h.test_domains, "test")
+            train, val = self._hold_out(train, splits.val_fraction)
+        test = self._select(by_split.get(splits.test, []), domains.test, "test")
         if not train and stage in (None, "fit"):
-            raise DataError.at(self.data_root, f"no training images in split {h.train_split!r} "
-                               f"(domains {h.train_domains or 'all'})")
-        build = lambda rs: LldDataset(rs, self.num_attributes, h.max_image_pixels)  # noqa: E731
-        self.train_set = LldDataset(train, self.num_attributes, h.max_image_pixels, hidden)
-        self.val_set = build(val)
+            raise DataError.at(
+                self.data_root,
+                f"no training images in split {splits.train!r} (domains {domains.train or 'all'})",
+            )
+        self.train_set = self._train_dataset(train)
+        self.val_set = self._dataset(val)
         self.test_sets = {
-            domain: build([r for r in test if r.domain == domain])
+            domain: self._dataset([r for r in test if r.domain == domain])
             for domain in sorted({r.domain for r in test})
         }
         if self.trainer is None or self.trainer.is_global_zero:
             Console(stderr=True).print(summarize_records(records, self.report))
 
-    def _select(self, records: list[ImageRecord], domains: list[str] | None, stage: str) -> list[ImageRecord]:
+    def _dataset(
+        self, records: list[ImageRecord], hidden: list[ImageRecord] | None = None
+    ) -> LldDataset:
+        return LldDataset(records, self.num_attributes, self.reading.max_image_pixels, hidden)
+
+    def _train_dataset(self, records: list[ImageRecord]) -> LldDataset:
+        """The training images, made sparse by ``sparse_simulation`` (the full ones kept if asked)."""
+        if self.sparse_simulation is None:
+            return self._dataset(records)
+        sparse = [simulate_sparse(r, self.sparse_simulation, self.seed) for r in records]
+        return self._dataset(sparse, records if self.keep_hidden else None)
+
+    def _select(
+        self, records: list[ImageRecord], domains: list[str] | None, stage: str
+    ) -> list[ImageRecord]:
         if domains is None:
             return records
         known = {r.domain for r in records}
@@ -228,9 +321,11 @@ class LldDataModule(L.LightningDataModule):
             )
         return [r for r in records if r.domain in set(domains)]
 
-    def _hold_out(self, records: list[ImageRecord], fraction: float) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    def _hold_out(
+        self, records: list[ImageRecord], fraction: float
+    ) -> tuple[list[ImageRecord], list[ImageRecord]]:
         """Seeded split of training images into train and val when the data has no val split."""
-        order = np.random.default_rng(self.hparams.seed).permutation(len(records))
+        order = np.random.default_rng(self.seed).permutation(len(records))
         num_val = max(1, int(round(fraction * len(records)))) if len(records) > 1 else 0
         val_ids = set(order[:num_val].tolist())
         return (
@@ -239,34 +334,46 @@ class LldDataModule(L.LightningDataModule):
         )
 
     def _predict_dataset(self) -> LldDataset:
-        h = self.hparams
-        if h.predict_root is None:
-            raise DataError("no images to predict on: set --data.predict_root to a folder of images")
-        folder = Path(h.predict_root)
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        if self.predict_root is None:
+            raise DataError(
+                "no images to predict on: set --data.predict_root to a folder of images"
+            )
+        folder = Path(self.predict_root)
+        paths = (
+            sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if folder.is_dir()
+            else [folder]
+        )
         if not paths:
-            raise DataError.at(folder, "no images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+            raise DataError.at(
+                folder, "no images found (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+            )
         records = []
         for image_id, path in enumerate(paths):
-            width, height, _ = probe_image(path, h.max_image_pixels)
-            records.append(ImageRecord(
-                path=path, width=width, height=height, image_id=image_id, split="predict",
-                attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
-            ))
-        return LldDataset(records, self.num_attributes, h.max_image_pixels)
+            width, height, _ = probe_image(path, self.reading.max_image_pixels)
+            records.append(
+                ImageRecord(
+                    path=path,
+                    width=width,
+                    height=height,
+                    image_id=image_id,
+                    split="predict",
+                    attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
+                )
+            )
+        return self._dataset(records)
 
     # ------------------------------------------------------------------------------ dataloaders
     def _loader(self, dataset: LldDataset, shuffle: bool) -> DataLoader:
-        h = self.hparams
         return DataLoader(
             dataset,
-            batch_size=h.batch_size,
+            batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=h.num_workers,
+            num_workers=self.num_workers,
             collate_fn=collate,
-            pin_memory=h.pin_memory and torch.cuda.is_available(),
-            persistent_workers=h.num_workers > 0,
-            drop_last=shuffle and len(dataset) > h.batch_size,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self, shuffle: bool = True) -> DataLoader:
@@ -282,7 +389,7 @@ class LldDataModule(L.LightningDataModule):
     def test_dataloader(self) -> dict[str, DataLoader]:
         """One named loader per test domain."""
         if not self.test_sets:
-            raise DataError.at(self.data_root, f"no test images in split {self.hparams.test_split!r}")
+            raise DataError.at(self.data_root, f"no test images in split {self.splits.test!r}")
         return {domain: self._loader(ds, shuffle=False) for domain, ds in self.test_sets.items()}
 
     def predict_dataloader(self) -> DataLoader:
@@ -291,24 +398,39 @@ class LldDataModule(L.LightningDataModule):
 
     @property
     def test_domains(self) -> list[str]:
+        """The domains of the test images (one test loader each), after `setup`."""
         return list(self.test_sets)
 
     @property
     def val_domains(self) -> list[str]:
+        """The domains of the validation images, after `setup`."""
         return sorted({r.domain for r in self.val_set.records}) if self.val_set is not None else []
 
     # --------------------------------------------------------------------------- augmentation
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Augment (training) or letterbox (evaluation) on the device the batch now lives on."""
-        training = self.trainer is not None and self.trainer.training
-        if training:
-            # How far the model's schedule is (LldModule.training_progress), for mosaic_until.
-            progress = getattr(self.trainer.lightning_module, "training_progress", None)
-            out = self.train_augmentation(batch, progress=progress)
-        else:
-            out = self.eval_transform(batch)
-        if training and self.teacher_view:
-            weak = self.eval_transform(batch)
-            for key in ("image", "transform", "boxes", "labels", "regions", "region_valid"):
-                out[f"teacher_{key}"] = weak[key]
+        if self.trainer is None or not self.trainer.training:
+            return self.eval_transform(batch)
+        out = self.train_augmentation(batch)
+        if self.teacher_view:
+            self._add_teacher_view(out, self.eval_transform(batch))
         return out
+
+    @staticmethod
+    def _add_teacher_view(batch: Batch, weak: Batch) -> None:
+        """Add the weak (evaluation) view as ``teacher_<key>``: the expert labels in that view."""
+        for key in TEACHER_KEYS:
+            batch[f"teacher_{key}"] = weak[key]  # type: ignore[literal-required]
+
+
+def _attribute_spec(
+    format: str,
+    attribute_spec: dict[str, int] | None,
+    attribute_columns: dict[str, list[str]] | None,
+) -> dict[str, int]:
+    """The attribute spec: from ``attribute_columns`` when given, else as asked, else the default."""
+    if attribute_columns is not None:
+        return {name: len(values) for name, values in attribute_columns.items()}
+    if attribute_spec is not None:
+        return dict(attribute_spec)
+    return dict(LLD_ATTRIBUTE_SPEC) if format != "yolo" else {}

@@ -20,11 +20,10 @@ class LldDataset(Dataset):
         records: the images of this split (already filtered by domain and made sparse if asked).
         num_attributes: ``A``, the width of the attribute array (used for images without cells).
         max_image_pixels: decode limit; larger images raise `DataError`.
-        hidden_records: the same images fully annotated (one per record, same order), when
-            ``records`` were made sparse by `simulate_sparse`; each sample then also carries the
-            hidden truth as ``hidden_boxes`` float32 ``[H, 4]`` (xyxy, original pixels) and
-            ``hidden_labels`` int64 ``[H]``. Never used for training, only to measure
-            pseudo-labels.
+        hidden_records: the same images fully annotated (one per record, same order), given
+            only when asked for (``LldDataModule(keep_hidden=True)``) for ``records`` made sparse
+            by `simulate_sparse`; each sample then also carries ``hidden_boxes`` and
+            ``hidden_labels`` (see `Sample`). Never trained on, only to measure pseudo-labels.
     """
 
     def __init__(

@@ -1,47 +1,94 @@
-"""The one sample contract and the batch it collates into.
+"""The sample and batch contracts: every key once, with its dtype, shape and writer.
 
-A **sample** (what `LldDataset.__getitem__` returns) is a dict:
-
-- ``image``: uint8 ``[3, H, W]`` RGB (converted to float in [0, 1] on the device, see
-  `transforms.py`; the model normalises, nothing else does);
-- ``boxes``: float32 ``[N, 4]`` xyxy pixels;
-- ``labels``: int64 ``[N]``;
-- ``attributes``: int64 ``[N, A]``, ``IGNORE_INDEX`` (-1) = not annotated;
-- ``regions``: float32 ``[R, 4]`` xyxy pixels, the annotated rectangles (whole image when fully
-  annotated, empty when unlabelled);
-- ``domain``: str; ``image_id``: int; ``path``: str.
-
-A **batch** (what `collate` returns) pads images to the largest ``H, W`` of the batch (top-left
-aligned) and cells/regions to the largest count:
-
-- ``image``: uint8 ``[B, 3, Hmax, Wmax]``; ``image_size``: int64 ``[B, 2]`` valid ``(h, w)``;
-- ``boxes``: float32 ``[B, M, 4]``; ``labels``: int64 ``[B, M]`` (``IGNORE_INDEX`` = padding);
-- ``attributes``: int64 ``[B, M, A]``;
-- ``regions``: float32 ``[B, R, 4]``; ``region_valid``: bool ``[B, R]``;
-- ``domain``: list[str]; ``image_id``: int64 ``[B]``; ``path``: list[str].
-
-A cell is real where ``labels >= 0``.
-
-Optional, only when every sample has them (a training set made sparse by ``sparse_simulation``):
-``hidden_boxes`` float32 ``[B, H, 4]`` (original pixels, never transformed) and ``hidden_labels``
-int64 ``[B, H]`` (``IGNORE_INDEX`` = padding), the full annotation the sparse labels came from.
+Images stay uint8 until the device; nothing in ``data/`` normalises (the model does, once). Boxes
+and regions are xyxy in continuous pixels (pixel ``i`` spans ``[i, i + 1]``). A cell is real where
+``labels >= 0``; ``IGNORE_INDEX`` (-1) marks padding and missing attributes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import Tensor
 
 from lld_lightning.constants import IGNORE_INDEX
 
-Sample = dict[str, Any]
-Batch = dict[str, Any]
+
+class _SampleRequired(TypedDict):
+    image: Tensor  # uint8 [3, H, W] RGB
+    boxes: Tensor  # float32 [N, 4] xyxy pixels
+    labels: Tensor  # int64 [N]
+    attributes: Tensor  # int64 [N, A], IGNORE_INDEX = not annotated
+    regions: Tensor  # float32 [R, 4] xyxy; the whole image when fully annotated, none if unlabelled
+    domain: str
+    image_id: int
+    path: str
+
+
+class Sample(_SampleRequired, total=False):
+    """One image, as `LldDataset.__getitem__` returns it.
+
+    Only with ``LldDataModule(sparse_simulation=..., keep_hidden=True)``, on training images: the
+    full annotation the sparse labels were cut from (never trained on; it scores pseudo-labels).
+    """
+
+    hidden_boxes: Tensor  # float32 [H, 4] xyxy, original pixels
+    hidden_labels: Tensor  # int64 [H]
+
+
+class _BatchRequired(TypedDict):
+    # Written by `collate` (on the CPU); images padded top-left to the largest H, W of the batch,
+    # cells and regions padded to the largest count.
+    image: Tensor  # uint8 [B, 3, Hmax, Wmax]; float32 [B, 3, S, S] in [0, 1] after the device step
+    image_size: Tensor  # int64 [B, 2] valid (h, w) of each original image
+    boxes: Tensor  # float32 [B, M, 4] xyxy
+    labels: Tensor  # int64 [B, M], IGNORE_INDEX = padding
+    attributes: Tensor  # int64 [B, M, A], IGNORE_INDEX = padding or not annotated
+    regions: Tensor  # float32 [B, R, 4] xyxy, R >= 1
+    region_valid: Tensor  # bool [B, R], False = padding
+    domain: list[str]
+    image_id: Tensor  # int64 [B]
+    path: list[str]
+
+
+class Batch(_BatchRequired, total=False):
+    """A batch of samples, from the loader to the loss. Who writes which keys:
+
+    - `collate` (CPU): the required keys, and ``hidden_*`` when every sample has them.
+    - `LldDataModule.on_after_batch_transfer` (device), through `DeviceAugmentation`: replaces
+      ``image`` by float32 ``[B, 3, S, S]`` in ``[0, 1]`` (``S`` = ``crop_size`` in training when
+      set, else ``image_size``), maps ``boxes``/``regions`` into output pixels (dropped cells become
+      padding, empty regions invalid) and adds ``transform``. ``image_size`` keeps the originals.
+      With ``teacher_view`` (training only) it adds the ``teacher_*`` keys: the evaluation letterbox
+      of the same images, with ``transform @ inverse(teacher_transform)`` mapping the teacher's
+      view to the student's.
+    - `PseudoLabeller` (training, after the teacher ran): appends pseudo-labels to ``boxes``,
+      ``labels``, ``attributes`` (``M`` grows) and writes the per-cell ``weights`` (and
+      ``box_weights``, ``normaliser_weights`` where asked). The loss reads each of these keys as
+      optional: a missing weight is 1.
+    """
+
+    # collate, with keep_hidden: the full annotation, original pixels, never transformed.
+    hidden_boxes: Tensor  # float32 [B, H, 4]
+    hidden_labels: Tensor  # int64 [B, H], IGNORE_INDEX = padding
+    # DeviceAugmentation.
+    transform: Tensor  # float32 [B, 3, 3]: original pixels -> output pixels
+    # LldDataModule with teacher_view (training): the weak (evaluation) view.
+    teacher_image: Tensor  # float32 [B, 3, S', S'] in [0, 1], S' = image_size
+    teacher_transform: Tensor  # float32 [B, 3, 3]
+    teacher_boxes: Tensor  # float32 [B, M, 4]
+    teacher_labels: Tensor  # int64 [B, M]
+    teacher_regions: Tensor  # float32 [B, R, 4]
+    teacher_region_valid: Tensor  # bool [B, R]
+    # PseudoLabeller; the loss reads each one as optional.
+    weights: Tensor  # float32 [B, M]: each cell's weight in every loss term (expert 1)
+    box_weights: Tensor  # float32 [B, M]: replaces `weights` in the box terms
+    normaliser_weights: Tensor  # float32 [B, M]: how much a positive counts in num_foreground
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Pad a list of samples into one batch (see the module docstring for the contract)."""
+    """Pad a list of samples into one `Batch` (its required keys, plus ``hidden_*``)."""
     batch_size = len(samples)
     heights = [int(s["image"].shape[1]) for s in samples]
     widths = [int(s["image"].shape[2]) for s in samples]
@@ -54,7 +101,9 @@ def collate(samples: list[Sample]) -> Batch:
     num_attributes = int(samples[0]["attributes"].shape[1])
     boxes = torch.zeros((batch_size, max_cells, 4), dtype=torch.float32)
     labels = torch.full((batch_size, max_cells), IGNORE_INDEX, dtype=torch.int64)
-    attributes = torch.full((batch_size, max_cells, num_attributes), IGNORE_INDEX, dtype=torch.int64)
+    attributes = torch.full(
+        (batch_size, max_cells, num_attributes), IGNORE_INDEX, dtype=torch.int64
+    )
     regions = torch.zeros((batch_size, max_regions, 4), dtype=torch.float32)
     region_valid = torch.zeros((batch_size, max_regions), dtype=torch.bool)
     for i, sample in enumerate(samples):
@@ -64,7 +113,7 @@ def collate(samples: list[Sample]) -> Batch:
         attributes[i, :n] = sample["attributes"]
         regions[i, :r] = sample["regions"]
         region_valid[i, :r] = True
-    batch = {
+    batch: Batch = {
         "image": images,
         "image_size": torch.tensor(list(zip(heights, widths, strict=True)), dtype=torch.int64),
         "boxes": boxes,
@@ -77,11 +126,11 @@ def collate(samples: list[Sample]) -> Batch:
         "path": [str(s["path"]) for s in samples],
     }
     if all("hidden_boxes" in s for s in samples):
-        batch.update(_collate_hidden(samples))
+        batch["hidden_boxes"], batch["hidden_labels"] = _collate_hidden(samples)
     return batch
 
 
-def _collate_hidden(samples: list[Sample]) -> dict[str, torch.Tensor]:
+def _collate_hidden(samples: list[Sample]) -> tuple[Tensor, Tensor]:
     """Pad the hidden full annotations: ``hidden_boxes [B, H, 4]``, ``hidden_labels [B, H]``."""
     max_hidden = max(int(s["hidden_labels"].shape[0]) for s in samples)
     boxes = torch.zeros((len(samples), max_hidden, 4), dtype=torch.float32)
@@ -90,7 +139,7 @@ def _collate_hidden(samples: list[Sample]) -> dict[str, torch.Tensor]:
         n = int(sample["hidden_labels"].shape[0])
         boxes[i, :n] = sample["hidden_boxes"]
         labels[i, :n] = sample["hidden_labels"]
-    return {"hidden_boxes": boxes, "hidden_labels": labels}
+    return boxes, labels
 
 
 def unbatch_targets(batch: Batch) -> list[dict[str, torch.Tensor]]:
@@ -98,12 +147,14 @@ def unbatch_targets(batch: Batch) -> list[dict[str, torch.Tensor]]:
     targets = []
     for i in range(batch["labels"].shape[0]):
         real = batch["labels"][i] >= 0
-        targets.append({
-            "boxes": batch["boxes"][i][real],
-            "labels": batch["labels"][i][real],
-            "attributes": batch["attributes"][i][real],
-            "regions": batch["regions"][i][batch["region_valid"][i]],
-        })
+        targets.append(
+            {
+                "boxes": batch["boxes"][i][real],
+                "labels": batch["labels"][i][real],
+                "attributes": batch["attributes"][i][real],
+                "regions": batch["regions"][i][batch["region_valid"][i]],
+            }
+        )
     return targets
 
 

@@ -1,15 +1,19 @@
-"""Simulated sparse annotation: the paper's protocol applied to a fully annotated set."""
+"""Sparse annotation: one labelled rectangle per image, simulated on a fully annotated set."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+import torch
 
+from lld_lightning.boxes import box_centres, points_in_boxes
 from lld_lightning.data.records import ImageRecord
 
 
-def sparse_rectangle(width: int, height: int, area_fraction: float, rng: np.random.Generator) -> np.ndarray:
+def sparse_rectangle(
+    width: int, height: int, area_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """One random rectangle of ``area_fraction`` of the image, aspect ratio in ``[0.5, 2]``.
 
     Returns:
@@ -27,6 +31,28 @@ def sparse_rectangle(width: int, height: int, area_fraction: float, rng: np.rand
     return np.array([x1, y1, x1 + rect_w, y1 + rect_h], dtype=np.float32)
 
 
+def restrict_to_region(record: ImageRecord, region_xyxy: np.ndarray) -> ImageRecord:
+    """Keep the cells whose centre lies in ``region_xyxy`` and make it the only region.
+
+    Args:
+        record: a fully annotated record.
+        region_xyxy: float32 ``[4]`` rectangle.
+
+    Returns:
+        a new record with the kept cells and ``regions_xyxy`` ``[1, 4]``.
+    """
+    region = np.asarray(region_xyxy, dtype=np.float32).reshape(1, 4)
+    centres = box_centres(torch.from_numpy(record.boxes_xyxy).float().reshape(-1, 4))  # [N, 2]
+    keep = points_in_boxes(centres, torch.from_numpy(region)).numpy()  # [N]
+    return dataclasses.replace(
+        record,
+        boxes_xyxy=record.boxes_xyxy[keep],
+        labels=record.labels[keep],
+        attributes=record.attributes[keep],
+        regions_xyxy=region,
+    )
+
+
 def simulate_sparse(record: ImageRecord, area_fraction: float, seed: int) -> ImageRecord:
     """Keep one seeded rectangle of ``record`` labelled and drop the cells whose centre is outside.
 
@@ -35,15 +61,4 @@ def simulate_sparse(record: ImageRecord, area_fraction: float, seed: int) -> Ima
     """
     rng = np.random.default_rng([seed, record.image_id])
     rect = sparse_rectangle(record.width, record.height, area_fraction, rng)
-    centres = (record.boxes_xyxy[:, :2] + record.boxes_xyxy[:, 2:]) / 2.0  # [N, 2]
-    keep = (
-        (centres[:, 0] >= rect[0]) & (centres[:, 0] < rect[2])
-        & (centres[:, 1] >= rect[1]) & (centres[:, 1] < rect[3])
-    )
-    return dataclasses.replace(
-        record,
-        boxes_xyxy=record.boxes_xyxy[keep],
-        labels=record.labels[keep],
-        attributes=record.attributes[keep],
-        regions_xyxy=rect[None, :],
-    )
+    return restrict_to_region(record, rect)

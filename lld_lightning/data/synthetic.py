@@ -15,7 +15,7 @@ import json
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from PIL import Image
 
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES, LLD_CLASSES
 from lld_lightning.data.records import ImageRecord
+from lld_lightning.data.sparse import restrict_to_region
 from lld_lightning.data.synthetic_cells import (
     BACKGROUND_COLOUR,
     WhiteCell,
@@ -257,27 +258,6 @@ def sparse_region(
     x1 = int(rng.integers(max(cx - w + 1, 0), min(cx, width - w) + 1))
     y1 = int(rng.integers(max(cy - h + 1, 0), min(cy, height - h) + 1))
     return np.array([x1, y1, x1 + w, y1 + h], dtype=np.float32)
-
-
-def restrict_to_region(record: ImageRecord, region_xyxy: np.ndarray) -> ImageRecord:
-    """Keep the cells whose centre lies in ``region_xyxy`` (half-open) and make it the only region.
-
-    Args:
-        record: a fully annotated record.
-        region_xyxy: float32 ``[4]`` rectangle.
-
-    Returns:
-        a new record with the kept cells and ``regions_xyxy`` ``[1, 4]``.
-    """
-    centres = (record.boxes_xyxy[:, :2] + record.boxes_xyxy[:, 2:]) / 2  # [N, 2]
-    keep = np.all((centres >= region_xyxy[:2]) & (centres < region_xyxy[2:]), axis=1)
-    return replace(
-        record,
-        boxes_xyxy=record.boxes_xyxy[keep],
-        labels=record.labels[keep],
-        attributes=record.attributes[keep],
-        regions_xyxy=np.asarray(region_xyxy, dtype=np.float32).reshape(1, 4),
-    )
 
 
 def split_counts(num_images: int, fractions: Sequence[float]) -> list[int]:

@@ -17,9 +17,8 @@ exact new box):
    ``S x S`` canvas, the rest filled with ``fill`` (top-left matches the collate padding and makes
    the inverse a pure scale in eval);
 2. (train) flips and quarter turns of the content about its own centre, re-anchored at the top-left;
-3. (train) zoom about the content centre and a translation in output pixels.
-
-4. (train, optional) mosaic: four augmented images of the batch tiled into one (`mosaic.py`).
+3. (train) zoom about the content centre and a translation in output pixels; with ``crop_size``
+   a native-resolution crop centred in an annotated region instead of the whole-image letterbox.
 
 Eval (``train=False``) is step 1 only and deterministic.
 
@@ -36,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from kornia.enhance import (
@@ -50,7 +48,7 @@ from kornia.geometry.transform import warp_affine
 from torch import Tensor, nn
 
 from lld_lightning.constants import IGNORE_INDEX
-from lld_lightning.data.mosaic import apply_mosaic, sample_mosaic
+from lld_lightning.data.sample import Batch
 
 #: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB, one per row
 #: (normalised to unit length below). ``od_rgb = concentrations_hed @ RGB_FROM_HED``.
@@ -61,6 +59,10 @@ _STAIN_VECTORS: tuple[tuple[float, float, float], ...] = (
 )
 #: Smallest intensity before taking the optical density (log of 0 is undefined).
 _MIN_INTENSITY: float = 1e-6
+#: Range of the blur's sigma in output pixels (the blur's probability is `Augmentation.blur`).
+BLUR_SIGMA: tuple[float, float] = (0.1, 1.5)
+#: Largest standard deviation of the additive noise, images in [0, 1] (uniform in [0, NOISE_STD]).
+NOISE_STD: float = 0.03
 
 # Quarter turns k -> (cos, sin) of a visual counter-clockwise rotation by k * 90 degrees.
 _QUARTER_COS: tuple[float, ...] = (1.0, 0.0, -1.0, 0.0)
@@ -313,112 +315,92 @@ def _coin(probability: float, batch_size: int, generator: torch.Generator | None
     return torch.rand(batch_size, generator=generator) < probability
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation; its defaults are the shipped recipe (``configs/sparse.yaml``).
+
+    Cells are rotation invariant, so every symmetry of the square is used; colour is evidence
+    (basophilia), so colour and stain are jittered gently. ``min_visibility``, ``min_size`` and
+    ``fill`` apply to evaluation too.
+
+    Args:
+        hflip: probability of a left-right flip.
+        vflip: probability of a top-bottom flip.
+        rot90: probability of a quarter turn, either way; with both flips at 0.5 the eight symmetries are equally likely.
+        scale: zoom range (low, high), uniform, about the content centre.
+        translate: largest shift per axis, as a fraction of the output side.
+        crop_size: train on squares of this side at the images' own resolution, centred in an annotated region; null letterboxes the whole image.
+        color_jitter: probability of colour jitter (brightness, contrast, saturation, hue) per image.
+        brightness: brightness factor range ``[1 - b, 1 + b]``.
+        contrast: contrast factor range ``[1 - c, 1 + c]``.
+        saturation: saturation factor range ``[1 - s, 1 + s]``.
+        hue: hue shift range ``[-h, h]`` in turns of the colour wheel.
+        stain_jitter: probability of haematoxylin-eosin-DAB stain jitter per image.
+        stain_alpha: per-stain concentration scale range ``[1 - a, 1 + a]``.
+        stain_beta: per-stain concentration shift range ``[-b, b]`` (optical density).
+        blur: probability of a Gaussian blur (sigma 0.1 to 1.5 pixels) per image.
+        noise: probability of Gaussian noise (standard deviation up to 0.03) per image.
+        min_visibility: drop a cell whose visible part is less than this fraction of it.
+        min_size: drop a cell whose visible width or height is below this many output pixels.
+        fill: grey level in [0, 1] of the output outside the image content.
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    crop_size: int | None = 256
+    color_jitter: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.0
+    stain_jitter: float = 0.3
+    stain_alpha: float = 0.03
+    stain_beta: float = 0.03
+    blur: float = 0.1
+    noise: float = 0.1
+    min_visibility: float = 0.3
+    min_size: float = 2.0
+    fill: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(self.scale))
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be a positive (low, high) range, got {self.scale}")
+        if self.crop_size is not None and self.crop_size < 1:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+
+
 class DeviceAugmentation(nn.Module):
     """Letterbox plus (train) random geometry and photometry, on the device, for a whole batch.
 
     Args:
-        image_size: side ``S`` of the square output.
+        image_size: side ``S`` of the square output (of evaluation; training outputs
+            ``augmentation.crop_size`` when it is set).
         train: random augmentation; ``False`` = deterministic top-left letterbox only.
-        hflip: probability of a left-right flip.
-        vflip: probability of a top-bottom flip.
-        rot90: probability of a quarter turn (direction chosen uniformly); with both flips at 0.5
-            this samples the eight symmetries of the square uniformly.
-        scale: zoom range (uniform), about the content centre.
-        translate: maximum shift per axis as a fraction of ``S`` (uniform in ``[-t, t]``).
-        color_jitter: probability of colour jitter per image.
-        brightness: multiplicative brightness factor in ``[1 - b, 1 + b]``.
-        contrast: contrast factor in ``[1 - c, 1 + c]``.
-        saturation: saturation factor in ``[1 - s, 1 + s]``.
-        hue: hue shift in ``[-h, h]`` turns (0.5 = half the colour wheel).
-        stain_jitter: probability of HED stain jitter per image.
-        stain_alpha: per-stain scale in ``[1 - a, 1 + a]``.
-        stain_beta: per-stain shift in ``[-b, b]`` (optical density).
-        blur: probability of a Gaussian blur per image.
-        blur_sigma: sigma range (pixels) of the blur.
-        noise: probability of additive Gaussian noise per image.
-        noise_std: maximum noise standard deviation (uniform in ``[0, std]``).
-        min_visibility: drop a cell whose visible area is below this fraction of its transformed
-            area.
-        min_size: drop a cell whose visible width or height is below this many output pixels.
-        fill: value of every channel outside the image content (letterbox padding).
-        crop_size: training only: instead of letterboxing the whole image into ``image_size``,
-            cut a ``crop_size`` square at the image's own resolution (times the ``scale`` zoom),
-            centred on a random point of a random annotated region (plus the ``translate``
-            shift). With sparse labels this spends the compute where the labels are, and keeps
-            fine cues (granules, nucleoli) at full resolution. Evaluation still letterboxes to
-            ``image_size``, which should then be the images' own size.
-        mosaic: training only: probability that an image becomes a 2x2 mosaic of itself and
-            three other images of the batch, after their own augmentation (`mosaic.py`).
-        mosaic_centre: where the mosaic's quadrants meet, as fractions of the output side
-            (uniform per axis).
-        mosaic_until: fraction of the training schedule that uses mosaics; after it the images
-            are plain again, so the model ends on what it is tested on (YOLO's "close mosaic").
-            Needs the ``progress`` the data module passes from the model; without it mosaics
-            never stop.
+        augmentation: the random augmentation and the cell filter (`Augmentation`).
     """
 
     def __init__(
         self,
         image_size: int = 640,
         train: bool = True,
-        hflip: float = 0.5,
-        vflip: float = 0.5,
-        rot90: float = 0.5,
-        scale: tuple[float, float] = (0.8, 1.2),
-        translate: float = 0.1,
-        color_jitter: float = 0.8,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        saturation: float = 0.2,
-        hue: float = 0.02,
-        stain_jitter: float = 0.5,
-        stain_alpha: float = 0.05,
-        stain_beta: float = 0.05,
-        blur: float = 0.2,
-        blur_sigma: tuple[float, float] = (0.1, 1.5),
-        noise: float = 0.2,
-        noise_std: float = 0.03,
-        min_visibility: float = 0.3,
-        min_size: float = 2.0,
-        fill: float = 0.5,
-        crop_size: int | None = None,
-        mosaic: float = 0.0,
-        mosaic_centre: tuple[float, float] = (0.25, 0.75),
-        mosaic_until: float = 1.0,
+        augmentation: Augmentation = Augmentation(),  # noqa: B008 (frozen, never mutated)
     ) -> None:
         super().__init__()
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        if not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"scale must be a positive (low, high) range, got {scale}")
-        if not 0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur_sigma must be a positive (low, high) range, got {blur_sigma}")
         self.image_size = image_size
         self.train_mode = train
-        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
-        self.scale, self.translate = tuple(scale), translate
-        self.color_jitter = color_jitter
-        self.brightness, self.contrast, self.saturation, self.hue = (
-            brightness,
-            contrast,
-            saturation,
-            hue,
-        )
-        self.stain_jitter, self.stain_alpha, self.stain_beta = stain_jitter, stain_alpha, stain_beta
-        self.blur, self.blur_sigma = blur, tuple(blur_sigma)
-        self.noise, self.noise_std = noise, noise_std
-        self.min_visibility, self.min_size, self.fill = min_visibility, min_size, fill
-        if crop_size is not None and crop_size < 1:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
-        self.crop_size = crop_size
-        if not 0.0 <= mosaic <= 1.0:
-            raise ValueError(f"mosaic is a probability in [0, 1], got {mosaic}")
-        if not 0.0 < mosaic_centre[0] <= mosaic_centre[1] < 1.0:
-            raise ValueError(f"mosaic_centre must be a (low, high) range inside (0, 1), got {mosaic_centre}")
-        if not 0.0 < mosaic_until <= 1.0:
-            raise ValueError(f"mosaic_until is a fraction in (0, 1], got {mosaic_until}")
-        self.mosaic, self.mosaic_centre = mosaic, tuple(mosaic_centre)
-        self.mosaic_until = mosaic_until
+        self.options = augmentation
+
+    @property
+    def output_size(self) -> int:
+        """Side of the output: ``crop_size`` when training on crops, else ``image_size``."""
+        crop_size = self.options.crop_size
+        return crop_size if self.train_mode and crop_size else self.image_size
 
     def sample_geometry(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -426,32 +408,30 @@ class DeviceAugmentation(nn.Module):
         """Random geometric parameters for ``batch_size`` images (identity in eval mode)."""
         if not self.train_mode:
             return GeometryParams.identity(batch_size)
-        turn = _coin(self.rot90, batch_size, generator)
+        o = self.options
+        turn = _coin(o.rot90, batch_size, generator)
         clockwise = _coin(0.5, batch_size, generator)
         quarter_turns = torch.where(turn, torch.where(clockwise, 3, 1), 0).to(torch.int64)
         return GeometryParams(
-            hflip=_coin(self.hflip, batch_size, generator),
-            vflip=_coin(self.vflip, batch_size, generator),
+            hflip=_coin(o.hflip, batch_size, generator),
+            vflip=_coin(o.vflip, batch_size, generator),
             quarter_turns=quarter_turns,
-            scale=_uniform(*self.scale, (batch_size,), generator),
+            scale=_uniform(*o.scale, (batch_size,), generator),
             translate=_uniform(-1.0, 1.0, (batch_size, 2), generator)
-            * self.translate
+            * o.translate
             * self.output_size,
         )
 
-    @property
-    def output_size(self) -> int:
-        """Side of the output: ``crop_size`` when training on crops, else ``image_size``."""
-        return self.crop_size if self.train_mode and self.crop_size else self.image_size
-
-    def region_crop(self, batch: dict[str, Any], params: GeometryParams,
-                    generator: torch.Generator | None = None) -> GeometryParams:
+    def region_crop(
+        self, batch: Batch, params: GeometryParams, generator: torch.Generator | None = None
+    ) -> GeometryParams:
         """Turn letterbox parameters into a native-resolution crop centred in an annotated region.
 
         The zoom becomes ``scale * max(h, w) / crop_size`` (so one original pixel is ``scale``
         output pixels) and the shift puts a uniformly drawn point of a randomly chosen valid region
         (the whole image when there is none) at the crop centre, plus the sampled shift.
         """
+        crop_size = self.output_size
         image_size = batch["image_size"].float()  # [B, 2] (h, w)
         batch_size = image_size.shape[0]
         regions = batch["regions"].float().cpu()  # [B, R, 4]
@@ -463,21 +443,21 @@ class DeviceAugmentation(nn.Module):
         chosen = torch.where(valid.any(dim=1, keepdim=True), chosen, whole)
         u = _uniform(0.0, 1.0, (batch_size, 2), generator)
         point = chosen[:, :2] + u * (chosen[:, 2:] - chosen[:, :2])  # [B, 2] original pixels
-        zoom = params.scale * image_size.cpu().max(dim=1).values / self.crop_size
-        native = GeometryParams(params.hflip, params.vflip, params.quarter_turns, zoom,
-                                torch.zeros(batch_size, 2))
-        matrix = geometry_matrix(batch["image_size"].cpu(), self.crop_size, native)  # [B, 3, 3]
+        zoom = params.scale * image_size.cpu().max(dim=1).values / crop_size
+        native = GeometryParams(
+            params.hflip, params.vflip, params.quarter_turns, zoom, torch.zeros(batch_size, 2)
+        )
+        matrix = geometry_matrix(batch["image_size"].cpu(), crop_size, native)  # [B, 3, 3]
         mapped = (matrix[:, :2, :2] @ point[..., None])[..., 0] + matrix[:, :2, 2]  # [B, 2]
-        shift = self.crop_size / 2 - mapped + params.translate.cpu()
+        shift = crop_size / 2 - mapped + params.translate.cpu()
         return GeometryParams(params.hflip, params.vflip, params.quarter_turns, zoom, shift)
 
     def forward(
         self,
-        batch: dict[str, Any],
+        batch: Batch,
         generator: torch.Generator | None = None,
         params: GeometryParams | None = None,
-        progress: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Batch:
         """Augment (train) or letterbox (eval) a collated batch.
 
         Args:
@@ -486,7 +466,6 @@ class DeviceAugmentation(nn.Module):
                 ``regions``, ``region_valid``), on any device.
             generator: CPU generator for reproducible randomness (default: global RNGs).
             params: fixed geometric parameters instead of random ones (tests, TTA).
-            progress: how far training is through its schedule (0 to 1), for ``mosaic_until``.
 
         Returns:
             A new dict with the other keys unchanged and ``image`` float ``[B, 3, S, S]`` in
@@ -494,47 +473,47 @@ class DeviceAugmentation(nn.Module):
             clipped; dropped cells get ``labels``/``attributes`` = ``IGNORE_INDEX`` and a zero box;
             empty regions get ``region_valid`` False and a zero box; ``transform`` float
             ``[B, 3, 3]`` maps original pixels to output pixels (see `invert_boxes`).
-            ``image_size`` is kept: it still gives the original ``(h, w)``. With ``mosaic`` > 0
-            (training) also ``mosaic`` bool ``[B]``; a mosaic row's cells and regions are its
-            four tiles' (so ``M`` and ``R`` may grow) and its ``transform`` is its top-left
-            tile's (`mosaic.py`).
+            ``image_size`` is kept: it still gives the original ``(h, w)``.
         """
-        images = batch["image"]
-        device, batch_size = images.device, images.shape[0]
-        image_size = batch["image_size"].to(device)
-        if params is None:
-            params = self.sample_geometry(batch_size, generator)
-            if self.train_mode and self.crop_size:
-                params = self.region_crop(batch, params, generator)
-        size = self.output_size
-        matrix = geometry_matrix(image_size, size, params)
+        image_size = batch["image_size"].to(batch["image"].device)
+        matrix = geometry_matrix(
+            image_size, self.output_size, self._geometry(batch, generator, params)
+        )
+        bounds = content_boxes(image_size, matrix, self.output_size)
+        out = batch.copy()
+        out["image"] = self._render(batch["image"], image_size, matrix, bounds, generator)
+        out.update(self._move_cells(batch, matrix, bounds))
+        out["transform"] = matrix
+        return out
 
-        out = dict(batch)
-        bounds = content_boxes(image_size, matrix, size)
-        inside = content_mask(bounds, size)[:, None]  # [B, 1, S, S]
-        image = self._warp(images, image_size, matrix)
+    def _geometry(
+        self, batch: Batch, generator: torch.Generator | None, params: GeometryParams | None
+    ) -> GeometryParams:
+        if params is not None:
+            return params
+        params = self.sample_geometry(batch["image"].shape[0], generator)
+        if self.train_mode and self.options.crop_size:
+            params = self.region_crop(batch, params, generator)
+        return params
+
+    def _render(
+        self,
+        images: Tensor,
+        image_size: Tensor,
+        matrix: Tensor,
+        bounds: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Warped, (train) photometrically jittered images, ``fill`` outside the content."""
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        image = warp_images(replicate_padding(images, image_size), matrix, self.output_size)
         if self.train_mode:
             image = self._photometric(image, generator)
         # Outside the content is `fill`, whatever the warp or the photometric ops put there.
-        out["image"] = torch.where(inside, image.clamp(0.0, 1.0), image.new_tensor(self.fill))
-        out.update(self._move_cells(batch, matrix, bounds))
-        out["transform"] = matrix
-        closed = progress is not None and progress >= self.mosaic_until
-        if self.train_mode and self.mosaic > 0 and not closed:
-            tiles = sample_mosaic(self.mosaic, bounds, size, self.mosaic_centre, generator)
-            out = apply_mosaic(out, tiles, self.min_visibility, self.min_size)
-        return out
+        inside = content_mask(bounds, self.output_size)[:, None]  # [B, 1, S, S]
+        return torch.where(inside, image.clamp(0.0, 1.0), image.new_tensor(self.options.fill))
 
-    def _warp(self, images: Tensor, image_size: Tensor, matrix: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        else:
-            images = images.float()
-        return warp_images(replicate_padding(images, image_size), matrix, self.output_size)
-
-    def _move_cells(
-        self, batch: dict[str, Any], matrix: Tensor, bounds: Tensor
-    ) -> dict[str, Tensor]:
+    def _move_cells(self, batch: Batch, matrix: Tensor, bounds: Tensor) -> dict[str, Tensor]:
         device = matrix.device
         labels = batch["labels"].to(device)
         moved = transform_boxes(batch["boxes"].to(device).float(), matrix)  # [B, M, 4]
@@ -544,9 +523,9 @@ class DeviceAugmentation(nn.Module):
         keep = (
             (labels != IGNORE_INDEX)
             & (full_area > 0)
-            & (visible_w * visible_h >= self.min_visibility * full_area)
-            & (visible_w >= self.min_size)
-            & (visible_h >= self.min_size)
+            & (visible_w * visible_h >= self.options.min_visibility * full_area)
+            & (visible_w >= self.options.min_size)
+            & (visible_h >= self.options.min_size)
         )  # [B, M]
         attributes = batch["attributes"].to(device)
 
@@ -563,56 +542,63 @@ class DeviceAugmentation(nn.Module):
 
     def _photometric(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         # An operation with probability 0 is skipped outright (no compute, no random draws).
-        batch_size, device = images.shape[0], images.device
-        if self.color_jitter > 0:
+        o = self.options
+        if o.color_jitter > 0:
             images = self._colour(images, generator)
-
-        if self.stain_jitter > 0:
-            alpha = _uniform(1 - self.stain_alpha, 1 + self.stain_alpha, (batch_size, 3), generator)
-            beta = _uniform(-self.stain_beta, self.stain_beta, (batch_size, 3), generator)
-            stained = _coin(self.stain_jitter, batch_size, generator).to(device)
-            images = torch.where(
-                stained[:, None, None, None],
-                stain_jitter(images, alpha.to(device), beta.to(device)),
-                images,
-            )
-
-        if self.blur > 0:
-            sigma = _uniform(*self.blur_sigma, (batch_size, 1), generator).expand(-1, 2)
-            blurred = _coin(self.blur, batch_size, generator).to(device)
-            kernel = 2 * math.ceil(3 * self.blur_sigma[1]) + 1
-            # Replicate, not reflect: reflect padding fails on images smaller than the kernel.
-            smooth = gaussian_blur2d(
-                images, kernel, sigma.to(device=device, dtype=images.dtype), border_type="replicate"
-            )
-            images = torch.where(blurred[:, None, None, None], smooth, images)
-
-        if self.noise > 0:
-            std = _uniform(0.0, self.noise_std, (batch_size,), generator)
-            std = torch.where(_coin(self.noise, batch_size, generator), std, 0.0).to(device)
-            images = images + std[:, None, None, None] * self._normal(images, generator)
+        if o.stain_jitter > 0:
+            images = self._stain(images, generator)
+        if o.blur > 0:
+            images = self._blur(images, generator)
+        if o.noise > 0:
+            images = self._noise(images, generator)
         return images
 
     def _colour(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         # Factors are sampled here (not by a kornia.augmentation module) so that `generator`
         # makes them reproducible; the adjustments are kornia's, as in its ColorJitter.
         batch_size, device = images.shape[0], images.device
-        apply = _coin(self.color_jitter, batch_size, generator)
+        apply = _coin(self.options.color_jitter, batch_size, generator)
 
         def factor(neutral: float, low: float, high: float) -> Tensor:
             value = _uniform(low, high, (batch_size,), generator)
             return torch.where(apply, value, neutral).to(device=device, dtype=images.dtype)
 
-        b, c, s = self.brightness, self.contrast, self.saturation
+        b, c, s = self.options.brightness, self.options.contrast, self.options.saturation
         images = adjust_brightness_accumulative(images, factor(1.0, max(0.0, 1 - b), 1 + b))
         images = adjust_contrast_with_mean_subtraction(images, factor(1.0, max(0.0, 1 - c), 1 + c))
         images = adjust_saturation_with_gray_subtraction(
             images, factor(1.0, max(0.0, 1 - s), 1 + s)
         )
-        if self.hue > 0:
+        if self.options.hue > 0:
             # kornia's hue factor is in radians; ours in turns.
-            images = adjust_hue(images, factor(0.0, -self.hue, self.hue) * 2 * math.pi)
+            hue = self.options.hue
+            images = adjust_hue(images, factor(0.0, -hue, hue) * 2 * math.pi)
         return images.clamp(0.0, 1.0)
+
+    def _stain(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        batch_size, device = images.shape[0], images.device
+        a, b = self.options.stain_alpha, self.options.stain_beta
+        alpha = _uniform(1 - a, 1 + a, (batch_size, 3), generator).to(device)
+        beta = _uniform(-b, b, (batch_size, 3), generator).to(device)
+        stained = _coin(self.options.stain_jitter, batch_size, generator).to(device)
+        return torch.where(stained[:, None, None, None], stain_jitter(images, alpha, beta), images)
+
+    def _blur(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        batch_size, device = images.shape[0], images.device
+        sigma = _uniform(*BLUR_SIGMA, (batch_size, 1), generator).expand(-1, 2)
+        blurred = _coin(self.options.blur, batch_size, generator).to(device)
+        kernel = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+        # Replicate, not reflect: reflect padding fails on images smaller than the kernel.
+        smooth = gaussian_blur2d(
+            images, kernel, sigma.to(device=device, dtype=images.dtype), border_type="replicate"
+        )
+        return torch.where(blurred[:, None, None, None], smooth, images)
+
+    def _noise(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        batch_size = images.shape[0]
+        std = _uniform(0.0, NOISE_STD, (batch_size,), generator)
+        std = torch.where(_coin(self.options.noise, batch_size, generator), std, 0.0)
+        return images + std.to(images.device)[:, None, None, None] * self._normal(images, generator)
 
     @staticmethod
     def _normal(images: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -628,7 +614,7 @@ class DeviceAugmentation(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"image_size={self.image_size}, train={self.train_mode}, fill={self.fill}"
+        return f"image_size={self.image_size}, train={self.train_mode}, {self.options}"
 
 
 def _width(boxes: Tensor) -> Tensor:

@@ -9,56 +9,33 @@ masked loss is compared against).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import (
-    complete_box_iou_loss,
-    distance_box_iou_loss,
-    generalized_box_iou_loss,
-    sigmoid_focal_loss,
-)
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from lld_lightning.boxes import elementwise_iou
 from lld_lightning.constants import IGNORE, IGNORE_INDEX
-from lld_lightning.models.assign import TASK_ALIGNED_TOP_K, assign_locations, assign_task_aligned
-from lld_lightning.models.detector import decode_boxes, encode_boxes
-from lld_lightning.models.postprocess import detection_scores
+from lld_lightning.models.assign import assign_locations
+from lld_lightning.models.box_coding import decode_boxes, encode_boxes
 
 LossMode = Literal["masked", "naive"]
-BoxLossName = Literal["giou", "ciou", "diou"]
 ClsLossName = Literal["focal", "quality_focal"]
-AssignerName = Literal["fcos", "task_aligned"]
 
-BOX_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "giou": generalized_box_iou_loss,
-    "ciou": complete_box_iou_loss,
-    "diou": distance_box_iou_loss,
+#: The named terms `SparseDetectionLoss` returns and weights into the training loss.
+LOSS_TERMS: tuple[str, ...] = ("cls", "box", "quality", "dfl", "attributes", "roi_cls", "roi_attributes")
+
+#: The recipe's weights. One cross-entropy per attribute (7 for LLD) summed at weight 1 would
+#: dwarf the class term and slow class learning, so both attribute terms take 0.3; the
+#: distribution focal loss takes GFL's 0.25 beside its IoU loss at 2.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "cls": 1.0, "box": 2.0, "quality": 1.0, "dfl": 0.25, "attributes": 0.3, "roi_cls": 1.0,
+    "roi_attributes": 0.3,
 }
-
-#: Keeps the IoU of a degenerate (zero-area) predicted box finite.
-IOU_EPS: float = 1e-7
-
-
-def elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of each box with the box at the same index (torchvision's `box_iou` is pairwise).
-
-    Args:
-        boxes1: float ``[N, 4]`` xyxy.
-        boxes2: float ``[N, 4]`` xyxy.
-
-    Returns:
-        float ``[N]`` in ``[0, 1]``.
-    """
-    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
-    return intersection / (area1 + area2 - intersection + IOU_EPS)
 
 
 def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
@@ -121,13 +98,27 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     return value
 
 
+@dataclass
+class _Positives:
+    """The positive locations of a batch, flattened to ``[N]`` (one row per location)."""
+
+    image_index: Tensor  # int64 [N]
+    point_index: Tensor  # int64 [N]
+    cell_index: Tensor  # int64 [N], the cell's column in the batch's boxes
+    weight: Tensor  # float [N], the cell's weight
+    box_weight: Tensor  # float [N], the cell's weight in the box, dfl and quality terms
+    predicted: Tensor  # float [N, 4] decoded xyxy boxes
+    target: Tensor  # float [N, 4] the cells' boxes
+    iou: Tensor  # float [N] IoU of the two, detached
+
+
 class SparseDetectionLoss(nn.Module):
-    """Focal classification + IoU box + quality + attribute loss on a sparse-annotation mask.
+    """Focal classification + GIoU box + quality + attribute loss on a sparse-annotation mask.
 
     Every term is a sum over the locations it concerns divided by
     ``max(1, num_foreground)``, the number of positive locations in the batch averaged over DDP
-    ranks (FCOS/torchvision normalisation). Terms are returned unweighted; the caller weights
-    them. Everything is computed in float32, also under bf16/fp16 autocast.
+    ranks (FCOS/torchvision normalisation). `forward` returns the terms unweighted; `total`
+    weights them. Everything is computed in float32, also under bf16/fp16 autocast.
 
     A per-cell weight (``targets["weights"]``, default 1) scales every term at that cell's
     positive locations (classification included); it does not change ``num_foreground``, so a
@@ -135,23 +126,27 @@ class SparseDetectionLoss(nn.Module):
     ``num_foreground`` is its ``targets["normaliser_weights"]`` (default 1): pseudo-labels that
     should add to the expert loss without rescaling it count 0.
 
+    In a config the loss is a component of `LldModule`::
+
+        model:
+          loss:
+            class_path: lld_lightning.losses.SparseDetectionLoss
+            init_args: {cls_loss: quality_focal}
+
     Args:
-        num_classes: number of cell classes ``C``.
-        attribute_spec: ``{name: num_values}`` in the column order of ``targets["attributes"]``.
-        mode: ``"masked"`` ignores locations outside the annotated regions; ``"naive"`` treats
-            them as background.
+        num_classes: number of cell classes ``C`` (given by `LldModule` from the data).
+        attribute_spec: ``{name: num_values}`` in the column order of ``targets["attributes"]``
+            (given by `LldModule` from the data).
+        mode: ``masked`` ignores every location outside the annotated regions; ``naive`` treats
+            it as background (the baseline the masked loss is compared against).
+        cls_loss: ``focal`` (one-hot targets) or ``quality_focal`` (a positive's class target is
+            the IoU of its predicted box, `quality_focal_loss`: the class score then ranks boxes
+            by fit, which mAP@[.5:.95] rewards).
+        weights: weight of each named term (`LOSS_TERMS`); missing names keep
+            `DEFAULT_LOSS_WEIGHTS`.
         focal_alpha: focal-loss weight of positives.
         focal_gamma: focal-loss focusing exponent.
         center_radius: centre-sampling radius of the assigner, in strides.
-        box_loss: ``"giou"``, ``"ciou"`` or ``"diou"`` (the torchvision losses).
-        cls_loss: ``"focal"`` (torchvision's sigmoid focal loss, one-hot targets) or
-            ``"quality_focal"`` (`quality_focal_loss`: a positive's class target is the IoU of
-            its predicted box with its cell, detached).
-        assigner: ``"fcos"`` (`assign_locations`: centre window and size range per level) or
-            ``"task_aligned"`` (`assign_task_aligned`: the ``top_k`` locations inside each cell
-            whose current prediction fits it best, scored as at inference,
-            ``sqrt(sigmoid(cls) * sigmoid(quality))``). Both apply the same sparse mask.
-        top_k: positives per cell of the task-aligned assigner.
     """
 
     def __init__(
@@ -159,194 +154,153 @@ class SparseDetectionLoss(nn.Module):
         num_classes: int,
         attribute_spec: dict[str, int],
         mode: LossMode = "masked",
+        cls_loss: ClsLossName = "focal",
+        weights: dict[str, float] | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         center_radius: float = 1.5,
-        box_loss: BoxLossName = "giou",
-        cls_loss: ClsLossName = "focal",
-        assigner: AssignerName = "fcos",
-        top_k: int = TASK_ALIGNED_TOP_K,
     ) -> None:
         super().__init__()
-        if assigner not in get_args(AssignerName):
-            raise ValueError(f"assigner must be one of {get_args(AssignerName)}, got {assigner!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         if mode not in ("masked", "naive"):
             raise ValueError(f"mode must be 'masked' or 'naive', got {mode!r}")
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {sorted(BOX_LOSSES)}, got {box_loss!r}")
-        if cls_loss not in get_args(ClsLossName):
-            raise ValueError(f"cls_loss must be one of {get_args(ClsLossName)}, got {cls_loss!r}")
+        if cls_loss not in ("focal", "quality_focal"):
+            raise ValueError(f"cls_loss must be 'focal' or 'quality_focal', got {cls_loss!r}")
+        weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
+        unknown = set(weights) - set(LOSS_TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(LOSS_TERMS)}")
         self.num_classes = num_classes
         self.attribute_spec = dict(attribute_spec)
         self.mode = mode
         self.cls_loss = cls_loss
+        self.weights = weights
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.center_radius = center_radius
-        self.box_loss = box_loss
-        self.assigner = assigner
-        self.top_k = top_k
+
+    def total(self, terms: dict[str, Tensor]) -> Tensor:
+        """The training loss: the weighted sum of the named terms."""
+        return sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
 
     def forward(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
         """Compute the named loss terms.
 
         Args:
-            outputs: the detector output (docs/architecture.md): ``cls_logits [B, P, C]``,
-                ``box_deltas [B, P, 4]`` (stride units), ``quality_logits [B, P]``,
-                ``attr_logits {name: [B, P, K]}``, ``points [P, 2]``, ``strides [P]``.
-            targets: batch keys ``boxes`` float ``[B, M, 4]`` xyxy pixels, ``labels`` int64
-                ``[B, M]`` (``IGNORE_INDEX`` = padding), ``attributes`` int64 ``[B, M, A]``
-                (``IGNORE_INDEX`` = missing), ``regions`` float ``[B, R, 4]``,
-                ``region_valid`` bool ``[B, R]``, optional ``weights`` float ``[B, M]``, optional
-                ``box_weights`` float ``[B, M]`` (replaces ``weights`` in the box and quality
-                terms; pseudo-labels that should not train localisation set 0) and
-                optional ``ignore_boxes`` float ``[B, K, 4]`` with ``ignore_valid`` bool
-                ``[B, K]`` (background inside them is ``IGNORE``, see `assign_locations`),
-                optional ``normaliser_weights`` float ``[B, M]`` (how much each positive
-                location of a cell counts in ``num_foreground``; default 1).
-
-            With a region read-out, ``outputs["roi"]`` also holds ``image_index`` and
-            ``cell_index`` int64 ``[N]``: the expert cell each read-out box belongs to
-            (`training_rois`).
+            outputs: the detector output (`Detector`): ``cls_logits [B, P, C]``,
+                ``box_deltas [B, P, 4]`` (stride units), ``box_distribution [B, P, 4, n]``,
+                ``quality_logits [B, P]``, ``attr_logits {name: [B, P, K]}``, ``points [P, 2]``,
+                ``strides [P]``; with a region read-out ``roi`` also holds ``image_index`` and
+                ``cell_index`` int64 ``[N]``: the expert cell of each read-out box.
+            targets: batch keys (`lld_lightning.data.sample.Batch`): ``boxes`` float
+                ``[B, M, 4]`` xyxy pixels, ``labels`` int64 ``[B, M]`` (``IGNORE_INDEX`` =
+                padding), ``attributes`` int64 ``[B, M, A]`` (``IGNORE_INDEX`` = missing),
+                ``regions`` float ``[B, R, 4]``, ``region_valid`` bool ``[B, R]``; optional
+                ``weights``, ``box_weights`` (replaces ``weights`` in the box, dfl and quality
+                terms), ``normaliser_weights`` float ``[B, M]``.
 
         Returns:
-            Scalar float32 tensors ``cls``, ``box``, ``quality``, ``attributes``, ``roi_cls``,
-            ``roi_attributes`` (both 0 without ``outputs["roi"]``), ``dfl`` (the distribution
-            focal loss of the box sides, mean over the 4 sides, summed over positives like
-            ``box``; 0 without ``outputs["box_distribution"]``), and, detached for logging,
-            ``num_foreground`` (positives in the batch, mean over ranks) and
-            ``supervised_fraction`` (the share of this rank's locations that carry a
-            classification loss: 1 for ``naive``, the annotated share of the field for
-            ``masked``).
+            Scalar float32 tensors, one per `LOSS_TERMS` entry (``roi_*`` are 0 without
+            ``outputs["roi"]``), and, detached for logging, ``num_foreground`` (positives in the
+            batch, mean over ranks) and ``supervised_fraction`` (the share of this rank's
+            locations that carry a classification loss).
         """
         device_type = outputs["cls_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return self._terms(outputs, targets)
 
     def _terms(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
-        cls_logits = outputs["cls_logits"].float()
-        points = outputs["points"].float()
-        strides = outputs["strides"].float()
-        gt_boxes, labels, attributes, weights = _cell_targets(targets, cls_logits.device)
+        device = outputs["cls_logits"].device
+        gt_boxes, labels, attributes, weights = _cell_targets(targets, device)
         if attributes.shape[2] != len(self.attribute_spec):
             raise ValueError(
                 f"targets['attributes'] has {attributes.shape[2]} columns but the attribute spec "
                 f"names {len(self.attribute_spec)}: {list(self.attribute_spec)}"
             )
-
-        mask = {
-            "regions": targets["regions"].to(cls_logits.device),
-            "region_valid": targets["region_valid"].to(cls_logits.device),
-            "ignore_outside_regions": self.mode == "masked",
-            "ignore_boxes": _optional(targets, "ignore_boxes", cls_logits.device),
-            "ignore_valid": _optional(targets, "ignore_valid", cls_logits.device),
+        matched = self._assign(outputs, targets, gt_boxes, labels)  # [B, P]
+        counted = _optional(targets, "normaliser_weights", device)
+        normaliser, num_foreground = _normaliser(matched, counted)
+        positives = _positives(outputs, targets, matched, gt_boxes, weights)
+        roi_cls, roi_attributes = self._readout_terms(
+            outputs.get("roi"), labels, attributes, weights, counted
+        )
+        valid = matched != IGNORE
+        return {
+            "cls": self._cls_term(outputs, matched, labels, weights, positives) / normaliser,
+            "box": (_giou_loss(positives) * positives.box_weight).sum() / normaliser,
+            "quality": self._quality_term(outputs, positives) / normaliser,
+            "dfl": self._dfl_term(outputs, positives) / normaliser,
+            "attributes": self._attribute_term(outputs, attributes, positives) / normaliser,
+            "roi_cls": roi_cls,
+            "roi_attributes": roi_attributes,
+            "num_foreground": num_foreground,
+            "supervised_fraction": valid.float().mean().detach(),
         }
-        if self.assigner == "task_aligned":
-            with torch.no_grad():
-                pred_boxes = decode_boxes(points, strides, outputs["box_deltas"].float())
-                pred_scores = detection_scores(cls_logits, outputs["quality_logits"])  # as `postprocess`
-            matched = assign_task_aligned(
-                points, gt_boxes, labels, labels != IGNORE_INDEX, pred_boxes=pred_boxes,
-                pred_scores=pred_scores, top_k=self.top_k, **mask,
-            )  # [B, P]
-        else:
-            matched = assign_locations(
-                points, strides, gt_boxes, labels != IGNORE_INDEX,
-                center_radius=self.center_radius, **mask,
-            )  # [B, P]
+
+    def _assign(self, outputs: dict, targets: dict, gt_boxes: Tensor, labels: Tensor) -> Tensor:
+        device = gt_boxes.device
+        return assign_locations(
+            outputs["points"].float(),
+            outputs["strides"].float(),
+            gt_boxes,
+            labels != IGNORE_INDEX,
+            regions=targets["regions"].to(device),
+            region_valid=targets["region_valid"].to(device),
+            ignore_outside_regions=self.mode == "masked",
+            center_radius=self.center_radius,
+        )
+
+    def _cls_term(
+        self, outputs: dict, matched: Tensor, labels: Tensor, weights: Tensor, positives: _Positives
+    ) -> Tensor:
+        """Sum over every location that is not ``IGNORE`` (unnormalised)."""
+        cls_logits = outputs["cls_logits"].float()
         valid = matched != IGNORE  # [B, P]
-        foreground = matched >= 0  # [B, P]
-        cell = matched.clamp(min=0)  # [B, P], an index usable by gather (masked by foreground)
-
-        counted = _optional(targets, "normaliser_weights", cls_logits.device)
-        if counted is not None and counted.shape[1] == 0:  # padded like `_cell_targets` does
-            counted = counted.new_zeros((counted.shape[0], 1))
-        if counted is None:
-            num_foreground = foreground.sum().float()
-        else:
-            num_foreground = (counted.float().gather(1, cell) * foreground).sum()
-        num_foreground = mean_over_ranks(num_foreground).detach()
-        normaliser = num_foreground.clamp(min=1.0)
-
-        # Per-location weight: the cell's weight at positives, 1 for background.
+        foreground = matched >= 0
+        cell = matched.clamp(min=0)  # [B, P], usable by gather (masked by foreground)
         location_weight = torch.where(foreground, weights.gather(1, cell), 1.0)  # [B, P]
         location_label = labels.gather(1, cell).clamp(min=0)  # [B, P]
-        cls_target = F.one_hot(location_label, self.num_classes).float()  # [B, P, C]
-        cls_target = cls_target * foreground[..., None]
-
-        # Positive locations only, flattened to [N].
-        image_index, point_index = foreground.nonzero(as_tuple=True)
-        cell_index = matched[image_index, point_index]
-        positive_weight = weights[image_index, cell_index]  # [N]
-        box_weights = targets.get("box_weights")
-        positive_box_weight = (
-            positive_weight
-            if box_weights is None
-            else box_weights.to(cls_logits.device).float()[image_index, cell_index]
-        )  # [N], box and quality terms only
-        predicted = decode_boxes(
-            points[point_index],
-            strides[point_index],
-            outputs["box_deltas"].float()[image_index, point_index],
-        )  # [N, 4]
-        target_boxes = gt_boxes[image_index, cell_index]  # [N, 4]
-        box_loss = BOX_LOSSES[self.box_loss](predicted, target_boxes, reduction="none")  # [N]
-        box_term = (box_loss * positive_box_weight).sum() / normaliser
-
-        dfl_term = cls_logits.new_zeros(())
-        if "box_distribution" in outputs:
-            distribution = outputs["box_distribution"].float()[image_index, point_index]  # [N, 4, n]
-            sides = encode_boxes(points[point_index], strides[point_index], target_boxes)  # [N, 4]
-            per_side = distribution_focal_loss(distribution.flatten(0, 1), sides.flatten())
-            dfl_term = (per_side.view(-1, 4).mean(dim=1) * positive_box_weight).sum() / normaliser
-
-        iou = elementwise_iou(predicted.detach(), target_boxes)  # [N]
+        target = F.one_hot(location_label, self.num_classes).float() * foreground[..., None]  # [B, P, C]
         if self.cls_loss == "focal":
-            cls_loss = sigmoid_focal_loss(
-                cls_logits[valid],
-                cls_target[valid],
-                alpha=self.focal_alpha,
-                gamma=self.focal_gamma,
+            per_location = sigmoid_focal_loss(
+                cls_logits[valid], target[valid], alpha=self.focal_alpha, gamma=self.focal_gamma,
                 reduction="none",
             ).sum(dim=1)  # [V]
         else:
             positive_iou = torch.zeros_like(location_weight)  # [B, P]
-            positive_iou[image_index, point_index] = iou
-            soft_target = cls_target * positive_iou[..., None]  # [B, P, C]
-            cls_loss = quality_focal_loss(cls_logits[valid], soft_target[valid]).sum(dim=1)  # [V]
-        cls_term = (cls_loss * location_weight[valid]).sum() / normaliser
-        quality_logits = outputs["quality_logits"].float()[image_index, point_index]  # [N]
-        quality_loss = F.binary_cross_entropy_with_logits(quality_logits, iou, reduction="none")
-        quality_term = (quality_loss * positive_box_weight).sum() / normaliser
+            positive_iou[positives.image_index, positives.point_index] = positives.iou
+            soft_target = target * positive_iou[..., None]  # [B, P, C]
+            per_location = quality_focal_loss(cls_logits[valid], soft_target[valid]).sum(dim=1)  # [V]
+        return (per_location * location_weight[valid]).sum()
 
-        attribute_loss = cls_logits.new_zeros(())
-        positive_attributes = attributes[image_index, cell_index]  # [N, A]
+    @staticmethod
+    def _quality_term(outputs: dict, positives: _Positives) -> Tensor:
+        logits = outputs["quality_logits"].float()[positives.image_index, positives.point_index]  # [N]
+        loss = F.binary_cross_entropy_with_logits(logits, positives.iou, reduction="none")
+        return (loss * positives.box_weight).sum()
+
+    @staticmethod
+    def _dfl_term(outputs: dict, positives: _Positives) -> Tensor:
+        """Distribution focal loss of the box sides, mean over the 4 sides, summed over positives."""
+        points, strides = outputs["points"].float(), outputs["strides"].float()
+        index = positives.point_index
+        distribution = outputs["box_distribution"].float()[positives.image_index, index]  # [N, 4, n]
+        sides = encode_boxes(points[index], strides[index], positives.target)  # [N, 4]
+        per_side = distribution_focal_loss(distribution.flatten(0, 1), sides.flatten())  # [N * 4]
+        return (per_side.view(-1, 4).mean(dim=1) * positives.box_weight).sum()
+
+    def _attribute_term(self, outputs: dict, attributes: Tensor, positives: _Positives) -> Tensor:
+        """One cross-entropy per attribute, summed, at every positive location (unnormalised)."""
+        total = positives.weight.new_zeros(())
+        cell_attributes = attributes[positives.image_index, positives.cell_index]  # [N, A]
         for column, name in enumerate(self.attribute_spec):
-            logits = outputs["attr_logits"][name].float()[image_index, point_index]  # [N, K]
+            logits = outputs["attr_logits"][name].float()[positives.image_index, positives.point_index]
             # reduction="none" gives exactly 0 (and zero gradient) at ignored targets, so an
             # all-missing attribute adds 0.0, never the NaN of an empty mean.
             per_location = F.cross_entropy(
-                logits, positive_attributes[:, column], ignore_index=IGNORE_INDEX, reduction="none"
+                logits, cell_attributes[:, column], ignore_index=IGNORE_INDEX, reduction="none"
             )
-            attribute_loss = attribute_loss + (per_location * positive_weight).sum()
-        attribute_term = attribute_loss / normaliser
-        roi_cls_term, roi_attribute_term = self._readout_terms(
-            outputs.get("roi"), labels, attributes, weights, counted
-        )
-
-        return {
-            "cls": cls_term,
-            "box": box_term,
-            "quality": quality_term,
-            "attributes": attribute_term,
-            "roi_cls": roi_cls_term,
-            "roi_attributes": roi_attribute_term,
-            "dfl": dfl_term,
-            "num_foreground": num_foreground,
-            "supervised_fraction": valid.float().mean().detach(),
-        }
+            total = total + (per_location * positives.weight).sum()
+        return total
 
     def _readout_terms(
         self,
@@ -414,3 +368,42 @@ def _cell_targets(targets: dict, device: torch.device) -> tuple[Tensor, Tensor, 
         attributes = attributes.new_full((batch_size, 1, num_attributes), IGNORE_INDEX)
         weights = weights.new_zeros((batch_size, 1))
     return gt_boxes, labels, attributes, weights
+
+
+def _normaliser(matched: Tensor, counted: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``max(1, num_foreground)`` and ``num_foreground`` (detached, mean over ranks)."""
+    foreground = matched >= 0
+    if counted is None:
+        num_foreground = foreground.sum().float()
+    else:
+        if counted.shape[1] == 0:  # padded like `_cell_targets` does
+            counted = counted.new_zeros((counted.shape[0], 1))
+        num_foreground = (counted.float().gather(1, matched.clamp(min=0)) * foreground).sum()
+    num_foreground = mean_over_ranks(num_foreground).detach()
+    return num_foreground.clamp(min=1.0), num_foreground
+
+
+def _positives(
+    outputs: dict, targets: dict, matched: Tensor, gt_boxes: Tensor, weights: Tensor
+) -> _Positives:
+    image_index, point_index = (matched >= 0).nonzero(as_tuple=True)
+    cell_index = matched[image_index, point_index]
+    weight = weights[image_index, cell_index]  # [N]
+    box_weights = targets.get("box_weights")
+    box_weight = (
+        weight if box_weights is None
+        else box_weights.to(gt_boxes.device).float()[image_index, cell_index]
+    )
+    points, strides = outputs["points"].float(), outputs["strides"].float()
+    predicted = decode_boxes(
+        points[point_index], strides[point_index], outputs["box_deltas"].float()[image_index, point_index]
+    )  # [N, 4]
+    target = gt_boxes[image_index, cell_index]  # [N, 4]
+    return _Positives(
+        image_index, point_index, cell_index, weight, box_weight, predicted, target,
+        elementwise_iou(predicted.detach(), target),
+    )
+
+
+def _giou_loss(positives: _Positives) -> Tensor:
+    return generalized_box_iou_loss(positives.predicted, positives.target, reduction="none")  # [N]

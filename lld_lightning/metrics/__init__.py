@@ -4,6 +4,7 @@ from lld_lightning.metrics.attributes import UNDEFINED_METRIC, AttributeMetrics
 from lld_lightning.metrics.detection import UnevenMeanAveragePrecision
 from lld_lightning.metrics.domains import ALL_DOMAINS, DomainMetrics
 from lld_lightning.metrics.matching import UNMATCHED, match_detections
+from lld_lightning.metrics.regions import keep_inside_regions
 from lld_lightning.metrics.tables import attribute_report_table, render_metrics_table
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "DomainMetrics",
     "UnevenMeanAveragePrecision",
     "attribute_report_table",
+    "keep_inside_regions",
     "match_detections",
     "render_metrics_table",
 ]

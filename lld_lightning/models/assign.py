@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
+from lld_lightning.boxes import points_in_boxes
 from lld_lightning.constants import BACKGROUND, IGNORE
 
 #: The upper size bound of each level but the last is this many strides (FCOS: 64 px at stride 8).
@@ -86,10 +86,7 @@ def _per_location_ranges(strides: Tensor, size_ranges: SizeRanges | None) -> tup
 
 
 def inside_regions(points: Tensor, regions: Tensor, region_valid: Tensor) -> Tensor:
-    """Which locations lie inside at least one valid annotated region.
-
-    A location is inside a region ``(x1, y1, x2, y2)`` when ``x1 <= x < x2`` and
-    ``y1 <= y < y2`` (the pixel convention, so adjacent regions never share a location).
+    """Which locations lie inside at least one valid annotated region (`points_in_boxes`).
 
     Args:
         points: float ``[P, 2]`` location centres ``(x, y)`` in input pixels.
@@ -99,11 +96,7 @@ def inside_regions(points: Tensor, regions: Tensor, region_valid: Tensor) -> Ten
     Returns:
         bool ``[B, P]``.
     """
-    x = points[None, :, None, 0]  # [1, P, 1]
-    y = points[None, :, None, 1]
-    r = regions[:, None, :, :]  # [B, 1, R, 4]
-    inside = (x >= r[..., 0]) & (x < r[..., 2]) & (y >= r[..., 1]) & (y < r[..., 3])  # [B, P, R]
-    return (inside & region_valid[:, None, :]).any(dim=2)
+    return points_in_boxes(points[None], regions, region_valid)
 
 
 def side_extremes(points: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,8 +131,6 @@ def assign_locations(
     ignore_outside_regions: bool = True,
     center_radius: float = 1.5,
     size_ranges: SizeRanges | None = None,
-    ignore_boxes: Tensor | None = None,
-    ignore_valid: Tensor | None = None,
 ) -> Tensor:
     """Match every location to a cell, to ``BACKGROUND`` or to ``IGNORE``.
 
@@ -155,9 +146,7 @@ def assign_locations(
     region (see `inside_regions`), else ``IGNORE``; with ``ignore_outside_regions=False`` (the
     naive sparse baseline) it is ``BACKGROUND`` everywhere and ``IGNORE`` never occurs. A
     positive stays positive outside the regions: the expert labelled that cell. An image
-    without any valid region is all ``IGNORE`` apart from its positives. A location that would
-    be ``BACKGROUND`` but lies inside an *ignore box* (something may be there, its class is not
-    known) is ``IGNORE`` in both modes.
+    without any valid region is all ``IGNORE`` apart from its positives.
 
     Args:
         points: float ``[P, 2]`` location centres ``(x, y)`` in input pixels.
@@ -170,8 +159,6 @@ def assign_locations(
         center_radius: centre-sampling radius in units of the level stride.
         size_ranges: ``(lo, hi)`` per level in ascending stride order (``inf`` allowed);
             None derives them with `default_size_ranges`.
-        ignore_boxes: optional float ``[B, K, 4]`` xyxy boxes whose background is unknown.
-        ignore_valid: bool ``[B, K]``, False for padding (required with ``ignore_boxes``).
 
     Returns:
         int64 ``[B, P]``: the cell index in ``[0, M)``, ``BACKGROUND`` or ``IGNORE``.
@@ -206,7 +193,7 @@ def assign_locations(
         matched = torch.where(torch.isfinite(smallest_area), best_cell, matched)
 
     return mark_unknown(
-        matched, points, regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid
+        matched, points, regions, region_valid, ignore_outside_regions
     )
 
 
@@ -216,13 +203,11 @@ def mark_unknown(
     regions: Tensor,
     region_valid: Tensor,
     ignore_outside_regions: bool = True,
-    ignore_boxes: Tensor | None = None,
-    ignore_valid: Tensor | None = None,
 ) -> Tensor:
     """Turn ``BACKGROUND`` into ``IGNORE`` where nothing is known (the sparse mask).
 
-    Outside every valid region (with ``ignore_outside_regions``) and inside any ignore box, a
-    location that no cell claimed is ``IGNORE``; positives are kept. See `assign_locations`.
+    Outside every valid region (with ``ignore_outside_regions``) a location that no cell claimed
+    is ``IGNORE``; positives are kept. See `assign_locations`.
 
     Returns:
         int64 ``[B, P]``, a new tensor.
@@ -230,93 +215,4 @@ def mark_unknown(
     if ignore_outside_regions:
         unknown = ~inside_regions(points, regions.float(), region_valid) & (matched == BACKGROUND)
         matched = matched.masked_fill(unknown, IGNORE)
-    if ignore_boxes is not None and ignore_boxes.shape[1] > 0:
-        unsure = inside_regions(points, ignore_boxes.float(), ignore_valid) & (matched == BACKGROUND)
-        matched = matched.masked_fill(unsure, IGNORE)
     return matched
-
-
-#: Task-aligned assignment (TOOD, Feng et al. 2021): positives per cell, and the exponents of
-#: the alignment ``score ** ALIGN_SCORE_POWER * IoU ** ALIGN_IOU_POWER`` (the published values).
-TASK_ALIGNED_TOP_K: int = 13
-ALIGN_SCORE_POWER: float = 1.0
-ALIGN_IOU_POWER: float = 6.0
-
-
-#: IoU of every box of ``[B, N, 4]`` with every box of ``[B, M, 4]`` (xyxy), image by image:
-#: ``[B, N, M]``. torchvision's `box_iou`, mapped over the batch.
-batched_pairwise_iou = torch.vmap(box_iou)
-
-
-@torch.no_grad()
-def assign_task_aligned(
-    points: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    gt_valid: Tensor,
-    regions: Tensor,
-    region_valid: Tensor,
-    pred_boxes: Tensor,
-    pred_scores: Tensor,
-    ignore_outside_regions: bool = True,
-    top_k: int = TASK_ALIGNED_TOP_K,
-    ignore_boxes: Tensor | None = None,
-    ignore_valid: Tensor | None = None,
-) -> Tensor:
-    """Match locations to cells by how well the current predictions already fit them.
-
-    The candidates of a cell are the locations strictly inside its box, on every level. Each
-    candidate gets the alignment ``s ** ALIGN_SCORE_POWER * IoU ** ALIGN_IOU_POWER``, where ``s`` is
-    the predicted score of the cell's class and IoU that of the predicted box with the cell; the
-    ``top_k`` best aligned candidates of each cell become its positives (fewer when it has fewer
-    candidates). A location chosen by several cells goes to the one its predicted box overlaps
-    most (the first index on a tie). Everything else is ``BACKGROUND`` and then, exactly as in
-    `assign_locations`, ``IGNORE`` outside the regions and inside ignore boxes (`mark_unknown`):
-    the sparse mask does not depend on the assigner.
-
-    Only predictions at locations inside a labelled cell's box are read, so what the model
-    predicts on the unknown field outside the regions and away from labelled cells changes
-    neither the assignment nor the loss.
-
-    Args:
-        points: float ``[P, 2]`` location centres ``(x, y)`` in input pixels.
-        gt_boxes: float ``[B, M, 4]`` cell boxes, xyxy pixels.
-        gt_labels: int64 ``[B, M]`` class indices (any value at padding).
-        gt_valid: bool ``[B, M]``, False for padding.
-        regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid: see
-            `assign_locations`.
-        pred_boxes: float ``[B, P, 4]`` decoded predicted boxes, xyxy pixels.
-        pred_scores: float ``[B, P, C]`` predicted scores in ``[0, 1]``.
-        top_k: positives per cell at most.
-
-    Returns:
-        int64 ``[B, P]``: the cell index in ``[0, M)``, ``BACKGROUND`` or ``IGNORE``.
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    batch_size, num_cells = gt_boxes.shape[:2]
-    num_points = points.shape[0]
-    points = points.float()
-    gt_boxes = gt_boxes.float()
-    matched = torch.full(
-        (batch_size, num_points), BACKGROUND, dtype=torch.int64, device=gt_boxes.device
-    )
-    if num_cells > 0:
-        nearest, _ = side_extremes(points, gt_boxes)
-        candidate = (nearest > 0) & gt_valid[:, None, :]  # [B, P, M]
-        # NaN where both boxes have no area (padding), which `candidate` masks below.
-        iou = batched_pairwise_iou(pred_boxes.float(), gt_boxes)  # [B, P, M]
-        labels = gt_labels.clamp(min=0)[:, None, :].expand(-1, num_points, -1)
-        score = pred_scores.float().gather(2, labels)  # [B, P, M]
-        alignment = score.pow(ALIGN_SCORE_POWER) * iou.pow(ALIGN_IOU_POWER)
-        # -1 below every real alignment (>= 0), so a cell never picks a non-candidate.
-        alignment = torch.where(candidate, alignment, torch.full_like(alignment, -1.0))
-        k = min(top_k, num_points)
-        best = alignment.topk(k, dim=1).indices  # [B, k, M]
-        chosen = torch.zeros_like(candidate).scatter_(1, best, True) & candidate  # [B, P, M]
-        overlap = torch.where(chosen, iou, torch.full_like(iou, -1.0))
-        best_overlap, best_cell = overlap.max(dim=2)  # [B, P]
-        matched = torch.where(best_overlap >= 0, best_cell, matched)
-    return mark_unknown(
-        matched, points, regions, region_valid, ignore_outside_regions, ignore_boxes, ignore_valid
-    )

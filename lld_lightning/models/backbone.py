@@ -1,4 +1,4 @@
-"""The timm feature backbone: the one place in the package where images are normalised."""
+"""The timm feature backbone and the normalisation statistics of its pretrained weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from torch import nn
 
 
 class TimmBackbone(nn.Module):
-    """A timm model in ``features_only`` mode that takes ``[0, 1]`` images.
+    """A timm model in ``features_only`` mode.
+
+    It takes images already normalised with its ``mean`` and ``std`` (`Detector.forward` does
+    that once, for the backbone and the pixel crops alike).
 
     Args:
         name: timm model name (``resnet18``, ``convnext_tiny``, ``test_resnet`` ...).
@@ -25,6 +28,8 @@ class TimmBackbone(nn.Module):
     Attributes:
         channels: channels of each returned feature map, from ``feature_info.channels()``.
         strides: reduction of each returned feature map, from ``feature_info.reduction()``.
+        mean: ``[1, 3, 1, 1]`` the pretrained weights' RGB mean (timm ``pretrained_cfg``).
+        std: ``[1, 3, 1, 1]`` their RGB standard deviation.
     """
 
     def __init__(
@@ -59,16 +64,12 @@ class TimmBackbone(nn.Module):
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Normalise and extract features.
+        """Extract features.
 
         Args:
-            images: float ``[B, 3, H, W]`` RGB in ``[0, 1]``.
+            images: float ``[B, 3, H, W]`` RGB, normalised with ``mean`` and ``std``.
 
         Returns:
             One ``[B, channels[i], H / strides[i], W / strides[i]]`` map per ``out_indices``.
         """
-        if not images.is_floating_point():
-            # uint8 here means the device transform was skipped; dividing silently would hide it.
-            raise TypeError(f"expected float images in [0, 1], got {images.dtype}")
-        normalised = (images - self.mean) / self.std
-        return list(self.body(normalised))
+        return list(self.body(images))

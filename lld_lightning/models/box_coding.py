@@ -41,8 +41,3 @@ def encode_boxes(
     return torch.cat([left_top, right_bottom], dim=-1) / strides.unsqueeze(-1).to(boxes_xyxy.dtype)
 
 
-def grow_boxes(boxes: torch.Tensor, factor: float) -> torch.Tensor:
-    """Scale ``[N, 4]`` xyxy boxes about their centres by ``factor``."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
-    return torch.cat([centre - half, centre + half], dim=1)

@@ -17,20 +17,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from lld_lightning.models.box_coding import grow_boxes
-from lld_lightning.models.heads import Norm, _norm_layer
-
-#: The crops enter the CNN as ``(pixel - CENTRE) / SPREAD`` (pixels in [0, 1]).
-CENTRE: float = 0.5
-SPREAD: float = 0.25
-
-
-def _block(in_channels: int, out_channels: int, stride: int, norm: Norm) -> list[nn.Module]:
-    return [
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=norm == "none"),
-        _norm_layer(norm, out_channels),
-        nn.ReLU(inplace=True),
-    ]
+from lld_lightning.boxes import grow_boxes
+from lld_lightning.models.heads import conv_block
 
 
 class CropEncoder(nn.Module):
@@ -41,26 +29,23 @@ class CropEncoder(nn.Module):
         context: boxes are grown by this factor about their centre first (the outline and a
             rim of background inside the crop).
         width: channels of the first stage (doubled at each of the two stride-2 stages).
-        norm: normalisation of the conv blocks.
 
     Attributes:
         out_dim: feature width (global max and mean pooling of the last stage).
     """
 
-    def __init__(
-        self, crop_size: int = 64, context: float = 1.25, width: int = 16, norm: Norm = "group"
-    ) -> None:
+    def __init__(self, crop_size: int = 64, context: float = 1.25, width: int = 16) -> None:
         super().__init__()
         if crop_size < 16:
             raise ValueError(f"crop_size must be >= 16 pixels, got {crop_size}")
         self.crop_size = crop_size
         self.context = context
         self.convs = nn.Sequential(
-            *_block(3, width, 1, norm),
-            *_block(width, 2 * width, 2, norm),
-            *_block(2 * width, 2 * width, 1, norm),
-            *_block(2 * width, 4 * width, 2, norm),
-            *_block(4 * width, 4 * width, 1, norm),
+            *conv_block(3, width),
+            *conv_block(width, 2 * width, stride=2),
+            *conv_block(2 * width, 2 * width),
+            *conv_block(2 * width, 4 * width, stride=2),
+            *conv_block(4 * width, 4 * width),
         )
         self.out_dim = 8 * width  # global max + mean of the last stage's 4 * width channels
 
@@ -68,7 +53,7 @@ class CropEncoder(nn.Module):
         """Crop and encode (`crop` then `encode`).
 
         Args:
-            images: float ``[B, 3, H, W]`` RGB in ``[0, 1]`` (the detector's input).
+            images: float ``[B, 3, H, W]``, the detector's normalised input.
             boxes: per image, float ``[n_i, 4]`` xyxy input pixels.
 
         Returns:
@@ -91,5 +76,5 @@ class CropEncoder(nn.Module):
 
     def encode(self, crops: Tensor) -> Tensor:
         """``[N, 3, crop_size, crop_size]`` crops -> ``[N, out_dim]`` features."""
-        grid = self.convs((crops - CENTRE) / SPREAD)
+        grid = self.convs(crops)
         return torch.cat([grid.amax(dim=(2, 3)), grid.mean(dim=(2, 3))], dim=1)

@@ -7,40 +7,33 @@ classification tower by default.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-Norm = Literal["group", "batch", "none"]
 
 #: Focal-loss prior: every location starts as background with this probability of a cell, so the
 #: many easy negatives do not swamp the first steps (RetinaNet's initialisation).
 CLASS_PRIOR_PROBABILITY: float = 0.01
 
 
-def _norm_layer(norm: Norm, channels: int) -> nn.Module:
-    if norm == "group":
-        # The largest group count <= 32 that divides channels (32 at the usual 128/256).
-        return nn.GroupNorm(math.gcd(32, channels), channels)
-    if norm == "batch":
-        # Plain BatchNorm2d so that `SyncBatchNorm.convert_sync_batchnorm` can swap it.
-        return nn.BatchNorm2d(channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be group, batch or none, got {norm!r}")
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels``: batch-size
+    independent, which matters with the small batches that 640 px images allow."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
-def _tower(channels: int, num_convs: int, norm: Norm) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(num_convs):
-        layers += [
-            nn.Conv2d(channels, channels, 3, padding=1, bias=norm == "none"),
-            _norm_layer(norm, channels),
-            nn.ReLU(inplace=True),
-        ]
-    return nn.Sequential(*layers)
+def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 conv + GroupNorm + ReLU."""
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        group_norm(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def tower(channels: int, num_convs: int) -> nn.Sequential:
+    """``num_convs`` `conv_block` s at constant width."""
+    return nn.Sequential(*[layer for _ in range(num_convs) for layer in conv_block(channels, channels)])
 
 
 def _flatten(level_map: torch.Tensor) -> torch.Tensor:
@@ -53,24 +46,17 @@ def _flatten(level_map: torch.Tensor) -> torch.Tensor:
 class DenseHead(nn.Module):
     """FCOS/GFL-style head, one set of weights applied to every pyramid level.
 
-    A classification tower feeds the class logits and (by default) one 3x3 conv per attribute;
-    a regression tower feeds the box distances and the quality logit.
+    A classification tower feeds the class logits and one 3x3 conv per attribute; a regression
+    tower feeds the box side distributions and the quality logit.
 
     Args:
         in_channels: channels of every pyramid level.
         num_classes: number of cell classes ``C``.
         attribute_spec: ``{name: num_values}``; one predictor per entry, in this order.
-        num_convs: 3x3 conv + norm + ReLU blocks per tower (2 to 4 are sensible).
-        norm: ``"group"`` (default; batch-size independent), ``"batch"`` or ``"none"``.
-        num_levels: number of pyramid levels, one learnable box scale each.
-        attribute_convs: 0 (default) reads the attributes from the classification tower; ``n > 0``
-            gives them their own ``n``-conv tower (about +25% head compute per tower conv pair,
-            see docs/model.md).
-        box_bins: 0 (default) predicts each distance directly (softplus of a scaled raw value);
-            ``n >= 2`` predicts a distribution over the distances ``0, 1, ..., n - 1`` strides
-            per side (GFL's general distribution, Li et al. 2020): the distance is its expected
-            value, and the logits are returned as ``box_distribution`` for the distribution
-            focal loss. Distances beyond ``n - 1`` strides cannot be expressed.
+        num_convs: 3x3 conv + GroupNorm + ReLU blocks per tower.
+        box_bins: each box side is a distribution over the distances ``0, 1, ..., n - 1``
+            strides (GFL's general distribution, Li et al. 2020); the distance is its expected
+            value. Distances beyond ``n - 1`` strides cannot be expressed.
     """
 
     def __init__(
@@ -78,15 +64,12 @@ class DenseHead(nn.Module):
         in_channels: int,
         num_classes: int,
         attribute_spec: dict[str, int],
-        num_convs: int = 2,
-        norm: Norm = "group",
-        num_levels: int = 3,
-        attribute_convs: int = 0,
-        box_bins: int = 0,
+        num_convs: int = 1,
+        box_bins: int = 17,
     ) -> None:
         super().__init__()
-        if box_bins == 1 or box_bins < 0:
-            raise ValueError(f"box_bins must be 0 (direct distances) or >= 2, got {box_bins}")
+        if box_bins < 2:
+            raise ValueError(f"box_bins must be >= 2, got {box_bins}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         for name, num_values in attribute_spec.items():
@@ -96,14 +79,12 @@ class DenseHead(nn.Module):
                 raise ValueError(f"attribute {name!r} needs >= 2 values, got {num_values}")
         self.num_classes = num_classes
         self.attribute_spec = dict(attribute_spec)
-        self.num_levels = num_levels
         self.box_bins = box_bins
 
-        self.cls_tower = _tower(in_channels, num_convs, norm)
-        self.reg_tower = _tower(in_channels, num_convs, norm)
-        self.attr_tower = _tower(in_channels, attribute_convs, norm) if attribute_convs else None
+        self.cls_tower = tower(in_channels, num_convs)
+        self.reg_tower = tower(in_channels, num_convs)
         self.cls_pred = nn.Conv2d(in_channels, num_classes, 3, padding=1)
-        self.box_pred = nn.Conv2d(in_channels, 4 * max(box_bins, 1), 3, padding=1)
+        self.box_pred = nn.Conv2d(in_channels, 4 * box_bins, 3, padding=1)
         self.quality_pred = nn.Conv2d(in_channels, 1, 3, padding=1)
         self.attr_preds = nn.ModuleDict(
             {
@@ -111,14 +92,7 @@ class DenseHead(nn.Module):
                 for name, num_values in attribute_spec.items()
             }
         )
-        # Per-level multiplier on the raw distance, so one shared conv can serve levels whose
-        # objects differ in size (in stride units). A distribution needs none: its bins are
-        # already in stride units, and an unused parameter would trip DDP.
-        self.scales = nn.Parameter(torch.ones(num_levels)) if box_bins == 0 else None
-        if box_bins:
-            self.register_buffer(
-                "bin_values", torch.arange(box_bins, dtype=torch.float32), persistent=False
-            )
+        self.register_buffer("bin_values", torch.arange(box_bins, dtype=torch.float32), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -134,44 +108,31 @@ class DenseHead(nn.Module):
         """Apply the head to every level and concatenate the locations.
 
         Args:
-            features: ``num_levels`` maps ``[B, in_channels, H_l, W_l]``, finest first.
+            features: maps ``[B, in_channels, H_l, W_l]``, finest first.
 
         Returns:
             Float32 dict, ``P = sum_l H_l * W_l`` in level order, row-major within a level:
-            ``cls_logits [B, P, C]``, ``box_deltas [B, P, 4]`` (non-negative l, t, r, b in
-            stride units), ``quality_logits [B, P]``, ``attr_logits {name: [B, P, K_name]}``;
-            with ``box_bins`` also ``box_distribution [B, P, 4, box_bins]`` (logits over the
-            distances; ``box_deltas`` is their expectation).
+            ``cls_logits [B, P, C]``, ``box_distribution [B, P, 4, box_bins]`` (logits over the
+            distances), ``box_deltas [B, P, 4]`` (their expectation: non-negative l, t, r, b in
+            stride units), ``quality_logits [B, P]``, ``attr_logits {name: [B, P, K_name]}``.
         """
-        if len(features) != self.num_levels:
-            raise ValueError(f"head built for {self.num_levels} levels, got {len(features)}")
-        cls_levels, box_levels, quality_levels, distribution_levels = [], [], [], []
+        cls_levels, distribution_levels, quality_levels = [], [], []
         attr_levels: dict[str, list[torch.Tensor]] = {name: [] for name in self.attr_preds}
-        for level, feature in enumerate(features):
+        for feature in features:
             cls_feature = self.cls_tower(feature)
             reg_feature = self.reg_tower(feature)
-            attr_feature = cls_feature if self.attr_tower is None else self.attr_tower(feature)
             cls_levels.append(_flatten(self.cls_pred(cls_feature)))
-            if self.box_bins:
-                logits = _flatten(self.box_pred(reg_feature))
-                logits = logits.reshape(*logits.shape[:2], 4, self.box_bins)  # [B, P_l, 4, n]
-                distribution_levels.append(logits)
-                # Elementwise, not a matmul, so that autocast leaves the expectation in float32.
-                box_levels.append((logits.softmax(dim=-1) * self.bin_values).sum(dim=-1))
-            else:
-                # softplus keeps distances non-negative like relu but never kills the gradient of
-                # a side that went negative, and grows linearly instead of exploding like exp.
-                raw_box = _flatten(self.box_pred(reg_feature)) * self.scales[level]
-                box_levels.append(F.softplus(raw_box))
+            logits = _flatten(self.box_pred(reg_feature))
+            distribution_levels.append(logits.reshape(*logits.shape[:2], 4, self.box_bins))  # [B, P_l, 4, n]
             quality_levels.append(_flatten(self.quality_pred(reg_feature))[..., 0])
             for name, predictor in self.attr_preds.items():
-                attr_levels[name].append(_flatten(predictor(attr_feature)))
-        outputs = {
+                attr_levels[name].append(_flatten(predictor(cls_feature)))
+        distribution = torch.cat(distribution_levels, dim=1)
+        return {
             "cls_logits": torch.cat(cls_levels, dim=1),
-            "box_deltas": torch.cat(box_levels, dim=1),
+            "box_distribution": distribution,
+            # Elementwise, not a matmul, so that autocast leaves the expectation in float32.
+            "box_deltas": (distribution.softmax(dim=-1) * self.bin_values).sum(dim=-1),
             "quality_logits": torch.cat(quality_levels, dim=1),
             "attr_logits": {name: torch.cat(maps, dim=1) for name, maps in attr_levels.items()},
         }
-        if self.box_bins:
-            outputs["box_distribution"] = torch.cat(distribution_levels, dim=1)
-        return outputs

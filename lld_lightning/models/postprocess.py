@@ -1,8 +1,8 @@
 """Raw detector outputs -> per-image detections with class, score and attribute read-outs.
 
 Vectorised over the batch: one top-k over ``[B, P * C]``, one mask (threshold and box area),
-one class-aware `torchvision.ops.batched_nms` call for the whole batch (group = image * C +
-class), then a split into per-image dicts.
+one class-aware NMS call for the whole batch (group = image * C + class), then a split into
+per-image dicts. `PostProcess` holds the settings; `Detector.detections` applies them.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchvision.ops import batched_nms
 
+from lld_lightning.boxes import nms
 from lld_lightning.models.box_coding import decode_boxes
 
 Detections = dict[str, torch.Tensor]
@@ -165,7 +165,7 @@ def postprocess(
     # one call with groups shifted apart for small inputs, a loop over groups for large ones
     # (one O(N^2) call over 32,000 candidates measured 15x slower on CPU than the loop).
     groups = image_index if class_agnostic else image_index * num_classes + labels
-    kept = batched_nms(boxes, candidate_scores, groups, nms_iou)
+    kept = nms(boxes, candidate_scores, nms_iou, groups)
     # A stable sort by image keeps the score order inside each image.
     kept = kept[torch.sort(image_index[kept], stable=True).indices]
     kept_image = image_index[kept]
@@ -256,41 +256,47 @@ def apply_readout(
 
 
 @dataclass
-class PostProcessor:
-    """`postprocess` with its settings held as config values (for a LightningModule argument).
+class PostProcess:
+    """How raw outputs become detections (`postprocess`, `apply_readout`).
 
-    Attributes:
-        score_threshold: see `postprocess`.
-        pre_nms_topk: see `postprocess`.
-        nms_iou: see `postprocess`.
-        max_detections: see `postprocess`.
-        class_agnostic: see `postprocess`.
-        max_containment: see `postprocess`.
-        quality_weight: see `postprocess`.
+    The defaults are the recipe; ``python -m lld_lightning.tools.tune`` measures other values on a
+    trained checkpoint from one forward pass.
+
+    Args:
+        score_threshold: keep candidates scoring strictly above this.
+        pre_nms_topk: (location, class) candidates kept per image before NMS.
+        nms_iou: IoU above which the lower-scored of two boxes (same image, same class unless one
+            class per cell) is dropped.
+        max_detections: detections kept per image, highest scores first.
+        max_containment: drop a detection when more than this fraction of its area lies inside a
+            higher-scoring one (cells in a film do not nest; IoU-NMS keeps a partial box nested
+            in a cell's box); ``None`` keeps them.
+        quality_weight: the score is ``p_class ** (1 - w) * quality ** w`` (0.5: geometric mean).
+        classes_per_box: class hypotheses per box that evaluation keeps with a region read-out
+            (COCO mAP credits a second guess at a lower score); prediction writes one.
     """
 
     score_threshold: float = 0.05
     pre_nms_topk: int = 1000
     nms_iou: float = 0.6
     max_detections: int = 100
-    class_agnostic: bool = False
-    max_containment: float | None = None
+    max_containment: float | None = 0.5
     quality_weight: float = 0.5
+    classes_per_box: int = 3
 
-    def __call__(
-        self,
-        outputs: dict[str, Any],
-        image_size: tuple[int, int] | torch.Tensor | None = None,
-    ) -> list[Detections]:
-        """Post-process a batch; see `postprocess` for shapes."""
-        return postprocess(
-            outputs,
-            score_threshold=self.score_threshold,
-            pre_nms_topk=self.pre_nms_topk,
-            nms_iou=self.nms_iou,
-            max_detections=self.max_detections,
-            image_size=image_size,
-            class_agnostic=self.class_agnostic,
-            max_containment=self.max_containment,
-            quality_weight=self.quality_weight,
-        )
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quality_weight <= 1.0:  # checked when built, not at the first validation
+            raise ValueError(f"quality_weight must be in [0, 1], got {self.quality_weight}")
+        if self.classes_per_box < 1:
+            raise ValueError(f"classes_per_box must be >= 1, got {self.classes_per_box}")
+
+    def dense_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `postprocess`."""
+        return {
+            "score_threshold": self.score_threshold,
+            "pre_nms_topk": self.pre_nms_topk,
+            "nms_iou": self.nms_iou,
+            "max_detections": self.max_detections,
+            "max_containment": self.max_containment,
+            "quality_weight": self.quality_weight,
+        }

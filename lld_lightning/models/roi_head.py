@@ -23,10 +23,31 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from lld_lightning.boxes import grow_boxes
 from lld_lightning.constants import IGNORE_INDEX
-from lld_lightning.models.box_coding import grow_boxes
 from lld_lightning.models.crop_encoder import CropEncoder
-from lld_lightning.models.heads import Norm, _tower
+from lld_lightning.models.heads import tower
+
+
+@dataclass
+class Readout:
+    """The region read-out's settings (`RoiHead`, `training_rois`).
+
+    Args:
+        pixel_crop: > 0: the attributes also read each box's own pixels, resampled to this side
+            and encoded by a small CNN (`CropEncoder`); 0 reads pooled features only.
+        crop_classes: with ``pixel_crop``, the class reads pixel crops too, through an encoder
+            of its own.
+        copies: read-outs per expert cell in a training step: the exact box, then jittered
+            copies, so the head also sees boxes as loose as detections.
+        jitter: a jittered copy moves its centre by up to this fraction of the box size and
+            scales width and height by up to ``1 +- jitter``.
+    """
+
+    pixel_crop: int = 64
+    crop_classes: bool = True
+    copies: int = 2
+    jitter: float = 0.1
 
 
 @dataclass
@@ -106,7 +127,6 @@ class RoiHead(nn.Module):
         num_convs: 3x3 conv + norm + ReLU blocks on the cell grid.
         hidden: width of the fully connected layer.
         context: boxes are grown by this factor about their centre for the cell grid.
-        norm: normalisation of the conv blocks (see `DenseHead`).
         pixel_crop: > 0: the attribute predictors also read a `CropEncoder` of each box's
             pixels resampled to ``pixel_crop x pixel_crop`` (``forward`` then needs the images).
         crop_classes: with ``pixel_crop``, the class predictor reads pixel crops too, through
@@ -124,7 +144,6 @@ class RoiHead(nn.Module):
         num_convs: int = 2,
         hidden: int = 256,
         context: float = 1.25,
-        norm: Norm = "group",
         pixel_crop: int = 0,
         crop_classes: bool = False,
     ) -> None:
@@ -136,7 +155,7 @@ class RoiHead(nn.Module):
         self.stride = int(stride)
         self.pool_size = pool_size
         self.context = context
-        self.convs = _tower(in_channels, num_convs, norm)
+        self.convs = tower(in_channels, num_convs)
         # + 2: log width and log height of the box in strides (`box_size_features`).
         self.fc = nn.Sequential(
             nn.Linear(in_channels * pool_size**2 + 2, hidden), nn.ReLU(inplace=True)
@@ -144,11 +163,11 @@ class RoiHead(nn.Module):
         if crop_classes and not pixel_crop:
             raise ValueError("crop_classes needs pixel_crop")
         self.class_crop_encoder = (
-            CropEncoder(pixel_crop, context, norm=norm) if crop_classes else None
+            CropEncoder(pixel_crop, context) if crop_classes else None
         )
         crop_dim = self.class_crop_encoder.out_dim if self.class_crop_encoder is not None else 0
         self.cls_pred = nn.Linear(hidden + crop_dim, num_classes)
-        self.crop_encoder = CropEncoder(pixel_crop, context, norm=norm) if pixel_crop else None
+        self.crop_encoder = CropEncoder(pixel_crop, context) if pixel_crop else None
         attr_in = hidden + (self.crop_encoder.out_dim if self.crop_encoder is not None else 0)
         self.attr_preds = nn.ModuleDict(
             {name: nn.Linear(attr_in, num_values) for name, num_values in attribute_spec.items()}
@@ -163,7 +182,7 @@ class RoiHead(nn.Module):
             features: the pyramid levels ``[B, in_channels, H_l, W_l]``, finest first; the
                 first is read.
             boxes: per image, float ``[n_i, 4]`` xyxy in input pixels.
-            images: the detector's input ``[B, 3, H, W]`` (needed with ``pixel_crop``).
+            images: the detector's normalised input ``[B, 3, H, W]`` (needed with ``pixel_crop``).
 
         Returns:
             Float32 ``cls_logits [N, C]`` and ``attr_logits {name: [N, K]}``, boxes in order

@@ -1,0 +1,3 @@
+"""Commands that measure a model or the package, ``python -m lld_lightning.tools.<name>``: ``tune``
+(post-processing settings of a checkpoint), ``score_thresholds`` (per-class precision for the
+pseudo-labeller's thresholds) and ``benchmark`` (speed and memory against torchvision FCOS)."""
