@@ -49,7 +49,7 @@ txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) fit --config configs/txl.yaml
 	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/checkpoints/best.ckpt
 
-benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 2-3 min on 2 CPU cores)
+benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 10 min on 2 CPU cores)
 	$(PY) -m lld_lightning.tools.benchmark $(BENCHMARK_ARGS)
 
 sparse-study: install    ## full / naive / masked / masked+teacher / masked+self-training, writes runs/study/sparse.md

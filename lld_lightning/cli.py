@@ -96,8 +96,8 @@ class LldCLI(LightningCLI):
         if cpu_bf16_is_emulated(config):
             rank_zero_warn(
                 f"lld: --trainer.precision {config['precision']} on a CPU without bf16 units (no "
-                "AVX512-BF16 or AMX), where torch emulates bf16: the training step measured 11.5x "
-                "slower than in fp32 (docs/benchmarks.md). Running in 32-true instead; set "
+                "AVX512-BF16 or AMX), where torch emulates bf16: a training step is about ten times "
+                "slower than in fp32 (docs/results.md). Running in 32-true instead; set "
                 f"{KEEP_CPU_BF16}=1 to keep bf16."
             )
             config["precision"] = "32-true"

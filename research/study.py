@@ -324,7 +324,7 @@ def render(
         "scratch with the same seed and step budget and is tested on the same, fully annotated test "
         "set; sparse rows see one rectangle of the given area fraction per training image "
         "(`sparse_simulation`). Pseudo-label precision is measured against the hidden full "
-        "annotation during training (see docs/pseudo_labels.md).",
+        "annotation during training (see docs/research.md).",
         "",
         "| dataset | labelled fraction | row | mAP | mAP@.5 | attr F1 | % of full mAP@.5 "
         "| pseudo precision | pseudo recall | pseudo/img | steps | wall (s) |",
@@ -413,7 +413,7 @@ def _precise_but_worse(found: str, row: RunResult, masked: RunResult) -> str:
             f"; the copied attributes lowered attribute F1 ({masked.attr_f1:.3f} -> "
             f"{row.attr_f1:.3f})"
         )
-    return text + " (see docs/pseudo_labels.md)."
+    return text + " (see docs/research.md)."
 
 
 def why_no_gain(row: RunResult, masked: RunResult | None = None) -> str:
@@ -439,11 +439,11 @@ def why_no_gain(row: RunResult, masked: RunResult | None = None) -> str:
         return (
             f"{found}: they were right, but they are the cells the model already finds with "
             "confidence, so in the steps they were active they added little new signal "
-            "(see docs/pseudo_labels.md)."
+            "(see docs/research.md)."
         )
     return (
         f"{found}, and {1 - precision:.0%} of them matched no hidden cell of their class: at this "
-        "budget the teacher's errors cost more than its finds add (see docs/pseudo_labels.md)."
+        "budget the teacher's errors cost more than its finds add (see docs/research.md)."
     )
 
 

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# TXL-PBC on one GPU without network: the 4-minute comparison with YOLO11m (issue #3) and the
-# sparse study at a time budget (issue #4), in one command. docs/results/txl.md and
-# docs/results/sparse_txl_gpu.md record what it gave.
+# TXL-PBC on one GPU without network: the 4-minute run beside YOLO11m's reference and the sparse
+# study at a time budget, in one command. docs/results.md records what it gave.
 #
 # Expects, in the checkout: wheels in .whl/ (docs/benchmarks.md, "GPU run"; plus docstring_parser
 # and typeshed_client, which LightningCLI's jsonargparse[signatures] needs) and TXL-PBC in

@@ -198,3 +198,16 @@ def test_hyperparameters_are_plain_values_that_checkpoints_load(tmp_path: Path) 
         loaded["domains"]["train"] == ["H_100x_C1"] and loaded["augmentation"]["crop_size"] is None
     )
     assert loaded["batch_size"] == 8 and loaded["image_size"] == 640
+
+
+def test_prediction_files_name_the_attribute_values_of_the_data() -> None:
+    from lld_lightning.callbacks.predict_writer import attribute_value_names
+    from lld_lightning.data.datamodule import ReadOptions
+
+    columns = {"cell_size": ["small", "big"], "granularity": ["no", "yes"]}
+    datamodule = LldDataModule(format="yolo", reading=ReadOptions(attribute_columns=columns))
+    assert attribute_value_names(datamodule.attribute_spec, datamodule) == columns
+    lld = LldDataModule()
+    names = attribute_value_names(lld.attribute_spec, lld)
+    assert all(len(values) == lld.attribute_spec[name] for name, values in names.items())
+    assert attribute_value_names({"unknown": 3}, None) == {"unknown": ["0", "1", "2"]}

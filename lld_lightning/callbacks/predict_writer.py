@@ -36,7 +36,7 @@ PANEL_WIDTH = 460
 
 def attribute_value_names(attribute_spec: dict[str, int], datamodule: Any) -> dict[str, list[str]]:
     """Readable value names per attribute: from the data's attribute columns, LLD's table, or indices."""
-    columns = getattr(getattr(datamodule, "hparams", None), "attribute_columns", None) or {}
+    columns = getattr(getattr(datamodule, "reading", None), "attribute_columns", None) or {}
     names = {}
     for name, count in attribute_spec.items():
         values = columns.get(name) or LLD_ATTRIBUTE_VALUES.get(name)

@@ -20,7 +20,7 @@ each a function of this module, vectorised over all detections of the batch: `se
 `one_class_per_cell`, `overlaps_expert`, `inside_regions` (teacher only), `to_student_view`,
 `visible`, `cap_per_image`, `confident_attributes`, `append_pseudo_labels`; `pseudo_label_quality` scores
 them when the batch carries the hidden full annotation. Lightning hands the mutated batch on to
-``training_step``. See docs/pseudo_labels.md.
+``training_step``. See docs/pseudo-labels.md.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ MISSING_ATTRIBUTE_RATE: float = 0.05
 #: WBCs drawn per field (before placement drops those that do not fit): leukaemic films are
 #: crowded, and a denser field gives the sparse rectangle (1/5 of the image) a few labelled cells
 #: to learn from. 6-16 gives about 3 labelled cells per 640 px training field and 11 cells per test
-#: field (3-10 gave 2.1 and 6.4, and 36% lower val mAP@.5 after 525 steps, on its own val set; docs/loss.md).
+#: field.
 MIN_WHITE_CELLS: int = 6
 MAX_WHITE_CELLS: int = 16
 MANIFEST_NAME: str = "synthetic.json"

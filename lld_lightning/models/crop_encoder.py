@@ -2,9 +2,8 @@
 
 The read-out pools backbone features (`RoiHead`), which the detector shares with finding and
 classifying cells. Some attributes are cues a few pixels wide: vacuoles (white dots at the rim),
-nucleoli (pale spots in the nucleus), the cleft of an irregular nucleus. The detection features
-read them poorly (val AUROC 0.67 for vacuoles, 0.71 for nuclear shape on the synthetic demo,
-docs/model.md), whether pooled at stride 8 or stride 4. `CropEncoder` resamples each box from
+nucleoli (pale spots in the nucleus), the cleft of an irregular nucleus. Features pooled at
+stride 8 or 4 blur them away (docs/research.md). `CropEncoder` resamples each box from
 the input image itself (`torchvision.ops.roi_align` over the RGB pixels) to a fixed crop and
 encodes it with a few convolutions; global max pooling keeps a small cue's presence wherever it
 sits in the crop. `RoiHead` gives the attributes one encoder (trained by the attribute loss only)

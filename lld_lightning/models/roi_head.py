@@ -2,8 +2,7 @@
 
 The dense head reads a cell at the few locations near its centre. Cues that sit at the rim
 (the outline of a scalloped or blebbed cell, vacuoles at the edge of the cytoplasm, the nuclear
-outline) are then seen only through the receptive field, and on the synthetic data those classes
-and attributes stayed weakest (docs/results/synthetic.md). `RoiHead` pools a fixed grid over
+outline) are then seen only through the receptive field. `RoiHead` pools a fixed grid over
 each cell's box, grown by ``context`` so the outline and a rim of background are inside it, and
 classifies the grid with a small conv + MLP head, as a two-stage detector's box head does.
 Pooling to a fixed grid removes the cell's size, which is evidence (the ``cell_size`` attribute,
@@ -130,8 +129,8 @@ class RoiHead(nn.Module):
         pixel_crop: > 0: the attribute predictors also read a `CropEncoder` of each box's
             pixels resampled to ``pixel_crop x pixel_crop`` (``forward`` then needs the images).
         crop_classes: with ``pixel_crop``, the class predictor reads pixel crops too, through
-            a `CropEncoder` of its own (sharing one with the attributes cost them their
-            small cues, `docs/loss.md` K7).
+            a `CropEncoder` of its own (one shared with the attributes would be pulled towards
+            the class's coarse cues and lose the attributes' small ones).
     """
 
     def __init__(

@@ -22,7 +22,7 @@ def cpu_bf16_units() -> bool | None:
     ``None`` on other architectures or a torch that cannot tell.
 
     Without them torch emulates bf16 on the CPU, an order of magnitude slower than fp32
-    (docs/benchmarks.md).
+    (docs/results.md).
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return None

@@ -9,7 +9,7 @@ through the same path as the pseudo-labeller's: the detector's detections, then 
 NMS.
 
 It suggests, per class, the lowest listed threshold whose precision reaches ``--precision``.
-Measure on a split the teacher was not trained on (docs/pseudo_labels.md says why), e.g. the
+Measure on a split the teacher was not trained on (a teacher is over-confident on its own training images), e.g. the
 validation split of a fully annotated set made sparse with ``data.sparse_simulation``::
 
     python -m lld_lightning.tools.score_thresholds --ckpt_path runs/x/checkpoints/best.ckpt \\
