@@ -31,7 +31,7 @@ format: install
 
 smoke: install           ## seconds: tiny synthetic fit + test
 	$(LLD) fit --config configs/tiny.yaml
-	$(LLD) test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+	$(LLD) test --config configs/tiny.yaml --ckpt_path runs/tiny/latest/checkpoints/best.ckpt
 
 demo: fit test-model predict   ## the main job on the built-in synthetic data
 
@@ -39,15 +39,15 @@ fit: install
 	$(LLD) fit --config configs/sparse.yaml
 
 test-model: install
-	$(LLD) test --config configs/sparse.yaml --ckpt_path runs/sparse/checkpoints/best.ckpt
+	$(LLD) test --config configs/sparse.yaml --ckpt_path runs/sparse/latest/checkpoints/best.ckpt
 
 predict: install
-	$(LLD) predict --config configs/sparse.yaml --ckpt_path runs/sparse/checkpoints/best.ckpt \
+	$(LLD) predict --config configs/sparse.yaml --ckpt_path runs/sparse/latest/checkpoints/best.ckpt \
 		--data.predict_root data/synthetic/n1200_s640_seed0_sparse0.2/H_100x_C1/images/test
 
 txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) fit --config configs/txl.yaml
-	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/checkpoints/best.ckpt
+	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/latest/checkpoints/best.ckpt
 
 benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 10 min on 2 CPU cores)
 	$(PY) -m lld_lightning.tools.benchmark $(BENCHMARK_ARGS)

@@ -1,9 +1,12 @@
-"""The ``lld`` command: a small LightningCLI subclass (argument links and friendly errors)."""
+"""The ``lld`` command: a small LightningCLI subclass (argument links, run folders, friendly
+errors)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +20,57 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
 )
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lld_lightning.callbacks.checkpoint import (
+    LATEST,
+    TEST_RESULTS,
+    CheckpointError,
+    RunCheckpoint,
+    RunCsvLogger,
+    atomic_write,
+    claim_run_folder,
+    discard_unstarted_run,
+    latest_run,
+    point_latest,
+    read_checkpoint,
+    remove_stale_temp_files,
+    run_folder_of,
+)
 from lld_lightning.callbacks.predict_writer import PredictionWriter
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
 from lld_lightning.module import LldModule
 from lld_lightning.tools.machine import cpu_bf16_units
 
+#: The commands that evaluate a trained model: they refuse to run without ``--ckpt_path``.
+EVALUATING = ("validate", "test", "predict")
+
 
 class LldCLI(LightningCLI):
     """``lld fit|validate|test|predict`` with the data module's label space linked into the model.
 
-    Every run keeps ``best.ckpt`` (by ``--checkpoint.monitor``, val mAP@.5 unless a config says
-    otherwise) and ``last.ckpt`` in ``<--trainer.default_root_dir>/checkpoints``, logs to
-    TensorBoard and CSV under ``--trainer.default_root_dir`` with the learning rate, and shows a
-    Rich progress bar, so configs do not repeat these.
+    Each ``lld fit`` writes one run folder, ``<--trainer.default_root_dir>/version_N`` (the next
+    free N; ``latest`` next to it names the newest): the resolved config, ``checkpoints/best.ckpt``
+    (by ``--checkpoint.monitor``, val mAP@.5 unless a config says otherwise) and
+    ``checkpoints/last.ckpt`` (the latest state, `RunCheckpoint`), TensorBoard and CSV logs with
+    the learning rate; a fit resumed from a run's checkpoint continues in that run's folder, and
+    ``lld test`` of a run's checkpoint writes ``test_results.json`` there. ``--ckpt_path last``
+    (or ``best``) names that checkpoint of the latest run. Every checkpoint is checked before
+    use and loaded with ``weights_only=True``; the evaluating commands refuse to run without one
+    unless ``--allow_random_weights true``. A Rich progress bar is shown.
     """
+
+    #: The run folder of this command: the fit's, or that of the evaluated checkpoint.
+    run_dir: Path | None = None
+    #: The run folder this fit created (removed again when the fit fails before it begins).
+    _claimed_run: Path | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         for name in ("num_classes", "attribute_spec", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "trainer.default_root_dir": "runs/default",
             # bf16 on GPUs and on CPUs with bf16 units (fp32 where it would be emulated, see
@@ -53,7 +84,6 @@ class LldCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.enable_version_counter": False,
         })
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_folder)
         parser.add_lightning_class_args(PredictionWriter, "predict_writer")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
@@ -61,6 +91,16 @@ class LldCLI(LightningCLI):
         if subcommand in ("validate", "test"):
             # The module prints its own per-domain table; Lightning's would list every logged key.
             parser.set_defaults({"verbose": False})
+        if subcommand in EVALUATING:
+            parser.add_argument(
+                "--allow_random_weights",
+                type=bool,
+                default=False,
+                help="Run without --ckpt_path, on the model's random initial weights (smoke tests).",
+            )
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
+            # torch < 2.6 loads unsafely by default; a checkpoint of lld needs no Python objects.
+            parser.set_defaults({"weights_only": True})
         return parser
 
     def parse_arguments(self, parser, args) -> None:
@@ -80,6 +120,7 @@ class LldCLI(LightningCLI):
         Values from ``--config`` files still lose to the checkpoint: a config whose architecture
         differs from the checkpoint's cannot load its weights.
         """
+        self._check_ckpt_path()
         subcommand = self.config.get("subcommand")
         model = self.config[subcommand].get("model") if subcommand else None
         typed = {}
@@ -92,6 +133,40 @@ class LldCLI(LightningCLI):
         for path, value in typed.items():
             _set_path(model, path.split("."), value)
 
+    def _check_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last|best`` to the latest run's checkpoint, and end with one line
+        (exit status 2) when an evaluating command has no checkpoint (and no
+        ``--allow_random_weights``) or the checkpoint is missing, unreadable, unsafe or not an
+        `LldModule` one (`read_checkpoint`)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "best"):
+            root = Path(config.get("trainer", {}).get("default_root_dir") or "runs/default")
+            run = latest_run(root)
+            if run is None:
+                missing = f"no run in {root} ({root / LATEST} is missing)"
+                _refuse(subcommand, f"--ckpt_path {ckpt_path}: {missing}")
+            ckpt_path = config["ckpt_path"] = str(run / "checkpoints" / f"{ckpt_path}.ckpt")
+        if ckpt_path is None:
+            if subcommand in EVALUATING and not config.get("allow_random_weights"):
+                _refuse(
+                    subcommand,
+                    "no --ckpt_path: the model would have random weights (pass a checkpoint, e.g. "
+                    "--ckpt_path <run>/checkpoints/best.ckpt, or --allow_random_weights true for a "
+                    "smoke test)",
+                )
+            return
+        source = str(ckpt_path)
+        if source in ("hpc", "registry") or source.startswith("registry:") or "://" in source:
+            return  # Lightning's own sources, loaded with weights_only too
+        try:
+            read_checkpoint(ckpt_path, resume=subcommand == "fit")
+        except CheckpointError as error:
+            _refuse(subcommand, str(error))
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
         if cpu_bf16_is_emulated(config):
             rank_zero_warn(
@@ -101,9 +176,25 @@ class LldCLI(LightningCLI):
                 f"{KEEP_CPU_BF16}=1 to keep bf16."
             )
             config["precision"] = "32-true"
-        root = config.get("default_root_dir") or "runs/default"
+        root = Path(config.get("default_root_dir") or "runs/default")
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        self.run_dir = None
+        if self.subcommand == "fit" and not config.get("fast_dev_run"):
+            self.run_dir = self._fit_run_folder(root, ckpt_path)
+            config["default_root_dir"] = str(self.run_dir)
+            for callback in [*(config.get("callbacks") or []), *callbacks]:
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                    callback.dirpath = os.path.realpath(self.run_dir / "checkpoints")
+        elif self.subcommand in EVALUATING:
+            self.run_dir = run_folder_of(ckpt_path)
         if config.get("logger") in (None, True):
-            config["logger"] = [TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv")]
+            # Only a fit logs to files; the other commands print their results.
+            config["logger"] = False
+            if self.subcommand == "fit" and self.run_dir is not None:
+                run = {"save_dir": str(self.run_dir.parent), "name": "", "version": self.run_dir.name}
+                # CSV rows are written as they are logged: a killed fit keeps them.
+                csv_logger = RunCsvLogger(**run, flush_logs_every_n_steps=1)
+                config["logger"] = [TensorBoardLogger(**run), csv_logger]
         given = list(config.get("callbacks") or []) + list(callbacks)
         added = []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
@@ -111,11 +202,62 @@ class LldCLI(LightningCLI):
         if config["logger"] and not any(isinstance(c, LearningRateMonitor) for c in given):
             added.append(LearningRateMonitor(logging_interval="step"))
         config["callbacks"] = [*(config.get("callbacks") or []), *added]
-        return super()._instantiate_trainer(config, callbacks)
+        save_config_callback = self.save_config_callback
+        if self.subcommand != "fit":  # the config of a run is the fit's
+            self.save_config_callback = None
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except BaseException:
+            self._discard_claimed_run()
+            raise
+        finally:
+            self.save_config_callback = save_config_callback
 
-def checkpoint_folder(default_root_dir: str | None) -> str:
-    """Where a run's checkpoints go: ``<default_root_dir>/checkpoints``."""
-    return str(Path(default_root_dir or "runs/default") / "checkpoints")
+    def _fit_run_folder(self, root: Path, ckpt_path: str | None) -> Path:
+        """The folder of this fit: the resumed checkpoint's run, else a new ``version_N``; rank 0
+        points ``latest`` at it (the other ranks follow that link; Lightning broadcasts the
+        checkpoint folder from rank 0)."""
+        resumed = run_folder_of(ckpt_path)
+        if rank_zero_only.rank != 0:
+            return resumed or latest_run(root) or root / "version_0"
+        run = resumed or claim_run_folder(root)
+        if resumed is None:
+            self._claimed_run = run
+        for folder in (run.parent, run):  # temp files of a killed fit's link or results
+            remove_stale_temp_files(folder)
+        point_latest(run.parent, run)
+        rank_zero_info(f"lld fit: run folder {run}" + (" (resumed)" if resumed else ""))
+        return run
+
+    def _discard_claimed_run(self) -> None:
+        """Remove the run folder this fit created if the fit failed before it began."""
+        if self._claimed_run is not None and rank_zero_only.rank == 0:
+            discard_unstarted_run(self._claimed_run, self._claimed_run.parent)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            with warnings.catch_warnings():
+                if subcommand in EVALUATING:  # the fit's callbacks are not needed to evaluate
+                    warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+                super()._run_subcommand(subcommand)
+        except BaseException:
+            self._discard_claimed_run()
+            raise
+
+    def after_test(self) -> None:
+        """Write the test results into the run folder of the tested checkpoint."""
+        if self.run_dir is None or not self.trainer.is_global_zero:
+            return
+        path = self.run_dir / TEST_RESULTS
+        text = json.dumps(self.model.test_results, indent=2, sort_keys=True, default=float) + "\n"
+        atomic_write(path, lambda handle: handle.write(text.encode()))
+        rank_zero_info(f"lld test: results written to {path}")
+
+
+def _refuse(subcommand: str, message: str) -> None:
+    """End the command with one line on stderr and exit status 2."""
+    print(f"lld {subcommand}: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 #: Environment variable that keeps a bf16 precision on a CPU without bf16 units.
@@ -212,8 +354,11 @@ def main(args: list[str] | None = None) -> LldCLI:
             save_config_kwargs={"overwrite": True},
         )
     except (DataError, FloatingPointError) as error:
+        from lld_lightning.data.errors import error_message
+
         kind = "data error" if isinstance(error, DataError) else "training stopped"
-        print(f"lld: {kind}: {error}", file=sys.stderr)
+        # error_message: a DataLoader worker's error arrives wrapped in its traceback.
+        print(f"lld: {kind}: {error_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

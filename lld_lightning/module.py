@@ -159,8 +159,16 @@ class LldModule(L.LightningModule):
                 f"--trainer.gradient_clip_val."
             )
         batch_size = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=batch_size)
+        # Per step only, unsynced: under DDP the curve is rank 0's own batches, which is enough
+        # to follow training and costs no collective call per term per step. An epoch-level
+        # value would need ``sync_dist=True`` (Lightning reduces it only then).
+        self.log(
+            "train/loss", loss, prog_bar=True, batch_size=batch_size, on_step=True, on_epoch=False
+        )
+        self.log_dict(
+            {f"train/{k}": v for k, v in terms.items()},
+            batch_size=batch_size, on_step=True, on_epoch=False,
+        )
         return loss
 
     # --------------------------------------------------------------------------- evaluation
@@ -196,11 +204,21 @@ class LldModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_metrics(self, metrics: DomainMetrics, stage: str) -> dict[str, float]:
+        """Compute, reset and log ``metrics`` as ``<stage>/<key>`` (``all/`` dropped); every rank
+        logs the same keys in the same order (`DomainMetrics` picks scopes from synced counts)."""
         results = metrics.compute()
         metrics.reset()
         for key, value in results.items():
             name = f"{stage}/{key[len('all/'):]}" if key.startswith("all/") else f"{stage}/{key}"
-            self.log(name, float(value), prog_bar=key in ("all/map_50",), sync_dist=False)
+            # `DomainMetrics.compute` has synced its states: every rank holds the same value.
+            # Lightning cannot know that and warns once per key about an epoch-level tensor
+            # logged without ``sync_dist`` under DDP; ``rank_zero_only`` means "only rank 0 calls
+            # self.log", which would leave the other ranks' ModelCheckpoint without its monitor.
+            # Reducing equal values by max returns them bit for bit (one all-reduce per key, no
+            # batch-size weighting as "mean" has), so callbacks read the same value on every rank.
+            self.log(
+                name, float(value), prog_bar=key == "all/map_50", sync_dist=True, reduce_fx="max"
+            )
         return results
 
     def on_validation_epoch_end(self) -> None:

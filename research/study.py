@@ -137,7 +137,7 @@ def run_config(
 ) -> dict[str, Any]:
     """The per-run YAML: step budget, validation points, the best checkpoint's metric, the weight
     average and the pseudo-labeller (with the batch keys it reads). Checkpoints go to
-    ``<run_dir>/checkpoints`` (`lld`'s ``checkpoint`` group follows the root folder)."""
+    ``<run_dir>/version_N/checkpoints``, with ``<run_dir>/latest`` naming the run (`lld fit`'s run folders)."""
     val_every = max(1, max_steps // max(1, args.validations))
     callbacks: list[dict[str, Any]] = []
     if args.weight_ema is not None:
@@ -242,8 +242,9 @@ def run_one(
         if isinstance(callback, PseudoLabeller):
             pseudo = callback.summary()
     steps = int(fitted.trainer.global_step)
-    best = run_dir / "checkpoints" / "best.ckpt"
-    checkpoint = best if best.exists() else run_dir / "checkpoints" / "last.ckpt"
+    run = run_dir / "latest"
+    best = run / "checkpoints" / "best.ckpt"
+    checkpoint = best if best.exists() else run / "checkpoints" / "last.ckpt"
     tested = main(["test", *cli_args, "--ckpt_path", str(checkpoint)])
     wall = time.perf_counter() - start
     results = tested.model.test_results
@@ -358,7 +359,7 @@ def render(
         f"- Budget: {budget}; batch {args.batch_size}; backbone {args.backbone} (no pretraining)"
         + (
             f", stages {args.out_indices} into the pyramid"
-            if list(args.out_indices) != [2, 3, 4]
+            if args.out_indices is not None
             else ""
         )
         + (
@@ -559,8 +560,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out-indices",
         type=int,
         nargs="+",
-        default=[2, 3, 4],
-        help="backbone stages fed to the feature pyramid (1 adds a stride-4 level)",
+        default=None,
+        help="backbone stages fed to the feature pyramid (default: strides 8/16/32; 1 2 3 4 adds stride 4)",
     )
     parser.add_argument(
         "--box-bins",

@@ -91,18 +91,18 @@ if [[ " $PARTS " == *" txl "* ]]; then
         --trainer.enable_progress_bar false > "$OUT/${name}_fit.log" 2>&1
       python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
         --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
-        --trainer.default_root_dir "$RUN" --ckpt_path "$RUN/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
+        --trainer.default_root_dir "$RUN" --ckpt_path "$RUN/latest/checkpoints/best.ckpt" > "$OUT/${name}_test.log" 2>&1
       cp "$(ls -t "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_test_metrics.csv" 2>/dev/null
       cp "$(ls "$RUN"/csv/version_*/metrics.csv | head -1)" "$OUT/${name}_fit_metrics.csv" 2>/dev/null
       if [[ "${TUNE:-0}" == 1 ]]; then
         # Post-processing chosen on the val split (lld_lightning.tools.tune), then the test with it.
-        python3 -m lld_lightning.tools.tune --ckpt_path "$RUN/checkpoints/best.ckpt" --backend faster_coco_eval \
+        python3 -m lld_lightning.tools.tune --ckpt_path "$RUN/latest/checkpoints/best.ckpt" --backend faster_coco_eval \
           --out "$OUT/${name}_tune.json" ${TUNE_ARGS:-} --config configs/txl.yaml --data.root "$ROOT" \
           --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" > "$OUT/${name}_tune.log" 2>&1
         read -ra tuned < <(python3 -c 'import json, sys; f = json.load(open(sys.argv[1]))["rows"][0]["flags"]; print("" if f.startswith("(") else f)' "$OUT/${name}_tune.json")
         python3 -m lld_lightning.cli test --config configs/txl.yaml --data.root "$ROOT" \
           --data.image_size "$IMAGE_SIZE" --data.num_workers "$WORKERS" "${extra[@]}" "${LAYOUT_ARGS[@]}" \
-          --trainer.default_root_dir "$RUN/tuned" --ckpt_path "$RUN/checkpoints/best.ckpt" "${tuned[@]}" \
+          --trainer.default_root_dir "$RUN/tuned" --ckpt_path "$RUN/latest/checkpoints/best.ckpt" "${tuned[@]}" \
           > "$OUT/${name}_test_tuned.log" 2>&1
       fi
     ) &

@@ -47,4 +47,4 @@ def test_layers_import_only_what_they_may(folder: str, forbidden: tuple[str, ...
 
 def test_the_package_root_holds_only_what_every_user_touches() -> None:
     modules = {p.name for p in PACKAGE.glob("*.py")}
-    assert modules == {"__init__.py", "boxes.py", "cli.py", "constants.py", "module.py"}
+    assert modules == {"__init__.py", "boxes.py", "cli.py", "constants.py", "module.py", "predictor.py"}

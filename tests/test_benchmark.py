@@ -11,12 +11,14 @@ from rich.console import Console
 
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.models import Readout
+from lld_lightning.tools import benchmark
 from lld_lightning.tools.benchmark import (
     RATIO_KEYS,
     Settings,
     check_targets,
     lld_subject,
     main,
+    onnx_row,
     parse_settings,
     ratios,
     render_table,
@@ -35,6 +37,8 @@ FIGURES = {
     "metrics_s",
     "test_images",
 }
+#: lld's CPU inference of the same images, exported to ONNX (onnxruntime) and eager.
+ONNX_FIGURES = {"onnx_cpu_ips", "eager_cpu_ips"}
 
 
 def test_tiny_run_writes_table_and_json_line(tiny_synthetic: Path, tmp_path: Path) -> None:
@@ -74,7 +78,9 @@ def test_tiny_run_writes_table_and_json_line(tiny_synthetic: Path, tmp_path: Pat
     assert record["settings"]["backbone"] == "test_resnet"
     assert set(record["results"]) == {"lld", "fcos", "lld_light"}
     lld, fcos = record["results"]["lld"], record["results"]["fcos"]
-    assert set(lld) == FIGURES and set(fcos) == FIGURES
+    onnx = ONNX_FIGURES if benchmark.onnxruntime_available() else set()
+    assert set(lld) == FIGURES | onnx and set(fcos) == FIGURES
+    assert all(lld[key] > 0 for key in onnx)
     assert set(record["results"]["lld_light"]) == {
         "params_m",
         "train_ips",
@@ -97,6 +103,8 @@ def test_tiny_run_writes_table_and_json_line(tiny_synthetic: Path, tmp_path: Pat
     console.print(render_table(record))
     text = console.export_text()
     assert "lld/FCOS" in text and "lld light (test_resnet)" in text
+    if onnx:
+        assert f"{lld['onnx_cpu_ips']:.2f}" in text and "onnxruntime CPU" in text
     assert f"{record['ratios']['train_ips']:.2f}x" in text
 
 
@@ -134,7 +142,9 @@ def test_gpu_preset_and_overrides() -> None:
     assert settings.batch_size == 16 and settings.channels_last and settings.light == "resnet18"
     default = parse_settings([])
     assert (default.backbone, default.image_size, default.batch_size) == ("resnet18", 320, 8)
-    assert not default.compile and default.light is None and default.fcos
+    assert not default.compile and default.light is None and default.fcos and default.onnx
+    assert not parse_settings(["--no-onnx"]).onnx
+    assert not settings.onnx  # the GPU protocol times the GPU
     assert parse_settings(["--light"]).light == "resnet18"
 
 
@@ -183,3 +193,13 @@ def test_lld_row_is_the_recipe_detector_and_its_loss_is_the_training_steps(
     with pytest.warns(UserWarning, match="log"):  # no Trainer to log to
         expected = module.training_step(batch, 0)
     assert torch.equal(loss, expected) and loss > 0
+
+
+def test_onnx_row_without_onnxruntime_is_one_line_and_no_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(benchmark, "onnxruntime_available", lambda: False)
+    console = Console(width=200, record=True)
+    assert onnx_row(None, torch.zeros(1, 3, 32, 32), Settings(), console) == {}
+    text = console.export_text()
+    assert "onnxruntime is not installed: no ONNX row" in text and "--no-onnx" in text

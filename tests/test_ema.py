@@ -57,7 +57,7 @@ def test_fit_with_ema_checkpoints_the_average_and_ends_holding_it(
     ]
     cli = main(["fit", *args, *ema])
     assert sum(isinstance(c, WeightEma) for c in cli.trainer.callbacks) == 1
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "run" / "latest" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     average, current = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert average.keys() == current.keys()

@@ -112,10 +112,12 @@ def test_file_name_relative_to_root_also_works(tmp_path: Path) -> None:
 
 
 def lld_records(tmp_path: Path) -> list[ImageRecord]:
-    """Two images with several regions and missing attributes, via the LLD writer + parser."""
+    """Two images with several regions and missing attributes, via the LLD writer + parser.
+
+    Every cell is centred inside a region (the parsers reject one that is not)."""
     rng = np.random.default_rng(1)
     records = []
-    for k, regions in enumerate(([[0, 0, 60.5, 90]], [[0, 0, 50, 45.25], [55, 40, 120, 90]])):
+    for k, regions in enumerate(([[0, 0, 90.5, 90]], [[0, 0, 50, 45.25], [55, 40, 120, 90]])):
         image = make_image(tmp_path / "Images" / "train" / f"im{k}.png")
         x1y1 = np.array([[5, 5], [60, 50], [20, 10]], dtype=np.float64) + rng.uniform(0, 3, (3, 2))
         boxes = np.concatenate([x1y1, x1y1 + rng.uniform(4, 25, (3, 2))], 1).astype(np.float32)
@@ -191,6 +193,7 @@ def test_write_refuses_duplicate_image_ids(tmp_path: Path) -> None:
 MALFORMED = {
     "bbox outside": (annotation(bbox=[100, 20, 30, 40]), "annotation id 3 (image id 7): box"),
     "bbox zero size": (annotation(bbox=[10, 20, 0, 40]), "zero or negative size"),
+    "bbox degenerate": (annotation(bbox=[10, 20, 1e-9, 40]), "degenerate size"),
     "bbox nan": (annotation(bbox=[10, 20, "x", 40]), "bbox must be 4 finite numbers"),
     "category range": (annotation(category_id=15), "annotation id 3: category_id 15"),
     "category zero": (annotation(category_id=0), "category_id 0 is not an integer in [1, 15)"),
@@ -218,6 +221,12 @@ IMAGE_CASES = {
     "region reversed": (image_entry(annotated_regions=[[50, 0, 10, 90]]), "image id 7: annotated"),
     "region outside": (image_entry(annotated_regions=[[0, 0, 500, 90]]), "outside the 120x90"),
     "cells but no region": (image_entry(annotated_regions=[]), "annotated_regions is []"),
+    # The default annotation (x 10..40, y 20..60) is centred at (25, 40).
+    "cell outside its regions": (
+        image_entry(annotated_regions=[[60, 0, 120, 90], [0, 60, 50, 90]]),
+        "annotation id 3 (image id 7): box [10.0, 20.0, 40.0, 60.0] (xyxy) is centred outside "
+        "every annotated region",
+    ),
     "size mismatch": (image_entry(width=W + 1), "json says 121x90"),
     "duplicate image id": (None, "image id 7 missing or not unique"),
 }
@@ -298,3 +307,55 @@ def test_skip_policy_unreadable_file(tmp_path: Path) -> None:
     path.write_text("[1, 2")
     records, report = load(tmp_path, on_error="skip")
     assert records == [] and report.skipped == {"invalid annotation file": 1}
+
+
+def test_attribute_spec_given_as_counts_is_read(tmp_path: Path) -> None:
+    counts = {name: len(values) for name, values in LLD_ATTRIBUTE_VALUES.items()}
+    coco_dataset(tmp_path, [image_entry()], [annotation()], attribute_spec=counts)
+    (record,), _ = load(tmp_path)
+    np.testing.assert_array_equal(record.attributes, [[1, 0, IGNORE_INDEX, 1, 0, 1, 0]])
+    # Counts that disagree with the configured spec are the same mismatch as value lists.
+    coco_dataset(tmp_path, [image_entry()], [], attribute_spec={**counts, "cell_size": 2})
+    with pytest.raises(DataError, match="attribute_spec .* does not match"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"cell_size": "three"}, "attribute_spec['cell_size'] = 'three': expected a list"),
+        ({"cell_size": 0}, "attribute_spec['cell_size'] = 0"),
+        ({"cell_size": True}, "attribute_spec['cell_size'] = True"),
+        (["cell_size"], "attribute_spec must map each name"),
+    ],
+)
+def test_attribute_spec_of_no_known_form_names_the_file(
+    tmp_path: Path, spec: object, expected: str
+) -> None:
+    json_path = coco_dataset(tmp_path, [image_entry()], [], attribute_spec=spec)
+    with pytest.raises(DataError) as info:
+        load(tmp_path)
+    assert str(info.value).startswith(f"{json_path}: ") and expected in str(info.value)
+
+
+def test_skipped_file_counts_every_image_it_held(tmp_path: Path) -> None:
+    coco_dataset(
+        tmp_path,
+        [image_entry(1, "a.png"), image_entry(2, "b.png"), image_entry(3, "c.png")],
+        [],
+        attribute_spec={"cell_size": ["a", "b"]},
+    )
+    records, report = load(tmp_path, on_error="skip")
+    assert records == [] and report.skipped == {"invalid annotation file": 3}
+
+
+def test_cell_outside_its_regions_skips_its_image_under_skip(tmp_path: Path) -> None:
+    coco_dataset(
+        tmp_path,
+        [image_entry(1, "a.png"), image_entry(2, "b.png", annotated_regions=[[60, 0, 120, 90]])],
+        [annotation(1, 1), annotation(2, 2)],
+    )
+    records, report = load(tmp_path, on_error="skip")
+    assert [r.path.name for r in records] == ["a.png"]
+    assert report.skipped == {"invalid annotation": 1}
+    assert "annotation id 2 (image id 2)" in report.examples["invalid annotation"][0]

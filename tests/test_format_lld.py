@@ -95,7 +95,7 @@ def test_empty_label_file_is_a_fully_annotated_image_without_cells(tmp_path: Pat
 
 def test_box_within_tolerance_is_clipped(tmp_path: Path) -> None:
     # x2 = 0.9 + 0.1004 = 1.0004 normalised: rounding, clipped to the image edge.
-    make_sample(tmp_path, "3 0.9502 0.5 0.1 0.1 10 20 90 70 1 0 1 0 0 1 0")
+    make_sample(tmp_path, "3 0.9502 0.5 0.1 0.1 10 20 100 70 1 0 1 0 0 1 0")
     (record,), _ = load(tmp_path)
     assert record.boxes_xyxy[0, 2] == pytest.approx(100.0)
     assert record.boxes_xyxy[0, 0] == pytest.approx(90.02, abs=1e-3)
@@ -109,6 +109,13 @@ MALFORMED = {
     "box outside": ("3 0.95 0.5 0.2 0.25 10 20 90 70 1 0 1 0 0 1 0", "box outside the image"),
     "box zero size": ("3 0.5 0.5 0 0.25 10 20 90 70 1 0 1 0 0 1 0", "zero or negative size"),
     "box negative": ("3 0.5 0.5 0.2 -0.1 10 20 90 70 1 0 1 0 0 1 0", "zero or negative size"),
+    # 1e-11 of 100 pixels: a box of 1e-9 pixels.
+    "box degenerate": ("3 0.5 0.5 1e-11 0.25 10 20 90 70 1 0 1 0 0 1 0", "degenerate size"),
+    # Centred at x = 95: outside its own region (x 10..30) and the other row's (x 10..90).
+    "box outside regions": (
+        "3 0.95 0.5 0.05 0.25 10 20 30 70 1 0 1 0 0 1 0",
+        "centred outside every annotated region",
+    ),
     "class range": ("14 0.5 0.5 0.2 0.25 10 20 90 70 1 0 1 0 0 1 0", "class id 14 out of range"),
     "class negative": ("-1 0.5 0.5 0.2 0.25 10 20 90 70 1 0 1 0 0 1 0", "out of range"),
     "class fraction": ("1.5 0.5 0.5 0.2 0.25 10 20 90 70 1 0 1 0 0 1 0", "not an integer"),
@@ -321,3 +328,29 @@ def test_write_parse_write_is_byte_identical(tmp_path: Path) -> None:
     np.testing.assert_array_equal(parsed.labels, record.labels)
     np.testing.assert_array_equal(parsed.attributes, record.attributes)
     np.testing.assert_allclose(parsed.boxes_xyxy, record.boxes_xyxy, atol=1e-3)
+
+
+def test_a_cell_centred_in_another_rows_region_or_on_a_rounded_border_is_accepted(
+    tmp_path: Path,
+) -> None:
+    # Row 2 carries region x 60..100 but its cell (x 20..30) lies in row 1's region x 0..40; row 3
+    # is centred at x 40.5, half a pixel past the region that label files round to 2 decimals.
+    rows = [
+        "3 0.15 0.5 0.1 0.25 0 0 40 80 1 0 1 0 0 1 0",
+        "3 0.25 0.5 0.1 0.25 60 0 100 80 1 0 1 0 0 1 0",
+        "3 0.405 0.5 0.05 0.25 0 0 40 80 1 0 1 0 0 1 0",
+    ]
+    make_sample(tmp_path, "\n".join(rows) + "\n")
+    (record,), report = load(tmp_path)
+    assert record.num_cells == 3 and report.num_skipped == 0
+
+
+def test_degenerate_box_and_cell_outside_its_regions_are_skipped_and_counted(
+    tmp_path: Path,
+) -> None:
+    make_sample(tmp_path, f"{ROW}\n", name="good")
+    make_sample(tmp_path, f"{ROW}\n{MALFORMED['box degenerate'][0]}\n", name="tiny")
+    make_sample(tmp_path, f"{MALFORMED['box outside regions'][0]}\n", name="outside")
+    records, report = load(tmp_path, on_error="skip")
+    assert [r.path.stem for r in records] == ["good"]
+    assert report.skipped == {"invalid label": 2}

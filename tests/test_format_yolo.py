@@ -58,6 +58,7 @@ def test_plain_rows_fully_annotated(tmp_path: Path) -> None:
         ("0 0.5 0.5 0.1 -inf", "is not finite"),
         ("0 0.5 0.5 1.2 0.1", "box outside the image"),
         ("0 0.5 0.5 0.0 0.1", "zero or negative size"),
+        ("0 0.5 0.5 5e-12 0.1", "degenerate size"),  # 1e-9 of a pixel (W = 200)
         ("x 0.5 0.5 0.1 0.1", "column 1: 'x' is not a number"),
     ],
 )

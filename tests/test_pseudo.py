@@ -332,7 +332,7 @@ def test_fit_with_the_teacher_in_process(tmp_path: Path, monkeypatch: pytest.Mon
     optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in labeller.teacher.parameters()}
     assert cli.trainer.logged_metrics.get("train/pseudo_per_image") is not None
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "run" / "latest" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert any(
         "teacher" in value for key, value in state["callbacks"].items() if "PseudoLabeller" in key

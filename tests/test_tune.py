@@ -172,7 +172,7 @@ def test_tune_rows_match_lld_validate(
 ) -> None:
     workdir, args = dense_fit
     monkeypatch.chdir(workdir)
-    ckpt = str(workdir / "run" / "checkpoints" / "last.ckpt")
+    ckpt = str(workdir / "run" / "latest" / "checkpoints" / "last.ckpt")
     out = workdir / "tune.json"
     report = tune(
         [
@@ -254,7 +254,7 @@ def test_tune_reads_the_test_split_and_refuses_bad_weights(
 ) -> None:
     workdir, args = dense_fit
     monkeypatch.chdir(workdir)
-    ckpt = str(workdir / "run" / "checkpoints" / "last.ckpt")
+    ckpt = str(workdir / "run" / "latest" / "checkpoints" / "last.ckpt")
     report = tune(
         [
             "--ckpt_path",
@@ -289,7 +289,7 @@ def test_typed_model_flags_win_over_the_checkpoint(
     # --model.* flags typed on the command line (what `tune` tells the user to pass).
     workdir, args = dense_fit
     monkeypatch.chdir(workdir)
-    ckpt = str(workdir / "run" / "checkpoints" / "last.ckpt")
+    ckpt = str(workdir / "run" / "latest" / "checkpoints" / "last.ckpt")
     plain = lld(["validate", *args, "--ckpt_path", ckpt])
     assert plain.model.settings.nms_iou == 0.55  # the checkpoint's, not tiny.yaml's default 0.6
     overlay = workdir / "nms.yaml"

@@ -1,9 +1,12 @@
-"""Writes ``lld predict`` results: COCO-style JSON with attributes, a CSV row per cell, overlays."""
+"""Writes ``lld predict`` results: COCO-style JSON with attributes, a CSV row per cell, overlays,
+and the list of files it skipped."""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,15 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw, ImageFont
 
-from lld_lightning.boxes import nms
-from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
+from lld_lightning import predictor
+from lld_lightning.data.errors import DataError
+from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from lld_lightning.predictor import select_cells
+
+#: The file listing what a prediction skipped: one row per file, with the reason and the message.
+SKIPPED_FILE: str = "skipped.csv"
+#: Reason of an image whose results were written but whose overlay could not be drawn.
+OVERLAY_NOT_DRAWN: str = "overlay not drawn"
 
 #: Distinct colours for up to 14 classes (cycled beyond).
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -36,25 +46,18 @@ PANEL_WIDTH = 460
 
 def attribute_value_names(attribute_spec: dict[str, int], datamodule: Any) -> dict[str, list[str]]:
     """Readable value names per attribute: from the data's attribute columns, LLD's table, or indices."""
-    columns = getattr(getattr(datamodule, "reading", None), "attribute_columns", None) or {}
-    names = {}
-    for name, count in attribute_spec.items():
-        values = columns.get(name) or LLD_ATTRIBUTE_VALUES.get(name)
-        names[name] = (
-            list(values)
-            if values is not None and len(values) == count
-            else [str(i) for i in range(count)]
-        )
-    return names
+    columns = getattr(getattr(datamodule, "reading", None), "attribute_columns", None)
+    return predictor.attribute_value_names(attribute_spec, columns)
 
 
 class PredictionWriter(BasePredictionWriter):
     """Writes predictions under ``output_dir`` (default: ``<default_root_dir>/predictions``).
 
     Files: ``detections.json`` (the project's COCO-with-attributes schema, plus ``score`` and
-    ``attribute_scores`` per annotation), ``detections.csv`` (one row per cell) and
-    ``overlays/<image stem>.png`` (boxes coloured by class, numbered, with a side panel listing each
-    cell's class, score and attributes).
+    ``attribute_scores`` per annotation), ``detections.csv`` (one row per cell),
+    ``overlays/<image path below predict_root>.png`` (boxes coloured by class, numbered, with a side
+    panel listing each cell's class, score and attributes; see `overlay_names`) and ``skipped.csv``
+    (each file of the folder that has no results: ``file``, ``reason``, ``message``).
 
     `LldModule.detect` already gives one class per cell (class-agnostic NMS at the model's
     ``nms_iou``); ``cell_iou`` is the output's own, stricter guarantee.
@@ -103,6 +106,8 @@ class PredictionWriter(BasePredictionWriter):
         )
         images = [image for batch in batches for image in batch]
         folder = self._folder(trainer)
+        report = getattr(trainer.datamodule, "skip_report", None)
+        skipped = dict(report.files) if report is not None else {}
         class_names = list(pl_module.class_names)
         value_names = attribute_value_names(pl_module.attribute_spec, trainer.datamodule)
         attribute_names = list(pl_module.attribute_spec)
@@ -113,11 +118,10 @@ class PredictionWriter(BasePredictionWriter):
             "attribute_spec": value_names,
         }
         rows = []
+        overlays: list[tuple[dict[str, Any], dict[str, Any]]] = []
         for image_id, pred in enumerate(images):
-            keep = (pred["scores"] >= self.min_score).nonzero(as_tuple=True)[0]
-            if self.cell_iou is not None and keep.numel():
-                # nms returns indices by decreasing score: the written order stays score order.
-                keep = keep[nms(pred["boxes"][keep], pred["scores"][keep], self.cell_iou)]
+            # The same cells as the Python API: score, one class per cell, no box left in padding.
+            keep = select_cells(pred["boxes"], pred["scores"], self.min_score, self.cell_iou)
             cells = {
                 k: v[keep]
                 for k, v in pred.items()
@@ -168,7 +172,7 @@ class PredictionWriter(BasePredictionWriter):
                     }
                 )
             if self.overlays:
-                draw_overlay(pred["path"], cells, class_names, value_names, folder / "overlays")
+                overlays.append((pred, cells))
         (folder / "detections.json").write_text(json.dumps(coco, indent=1))
         with open(folder / "detections.csv", "w", newline="") as handle:
             fields = [
@@ -186,8 +190,62 @@ class PredictionWriter(BasePredictionWriter):
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+        # Overlays last: the results above are written even if an image cannot be drawn.
+        root = getattr(trainer.datamodule, "predict_root", None)
+        names = overlay_names([pred["path"] for pred, _ in overlays], root)
+        for pred, cells in overlays:
+            out = folder / "overlays" / names[str(pred["path"])]
+            try:
+                pixels = pred["width"] * pred["height"]
+                draw_overlay(pred["path"], cells, class_names, value_names, out, pixels)
+            except (DataError, OSError) as error:
+                skipped[str(pred["path"])] = (OVERLAY_NOT_DRAWN, str(error))
+        write_skipped(skipped, folder / SKIPPED_FILE)
         if trainer.is_global_zero:
-            print(f"lld predict: {len(rows)} cells in {len(images)} images -> {folder}")
+            note = f"; skipped {len(skipped)} files, listed in {SKIPPED_FILE}" if skipped else ""
+            print(f"lld predict: {len(rows)} cells in {len(images)} images -> {folder}{note}")
+
+
+def write_skipped(skipped: dict[str, tuple[str, str]], path: Path) -> None:
+    """Write ``{file: (reason, message)}`` as a CSV (a header only when nothing was skipped)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason", "message"])
+        writer.writerows(
+            [file, reason, message] for file, (reason, message) in sorted(skipped.items())
+        )
+
+
+def overlay_names(paths: Sequence[str | Path], root: str | Path | None) -> dict[str, str]:
+    """A distinct overlay file name per image: its path below ``root`` with the suffix ``.png``.
+
+    Images in different folders keep their folders (``a/x.png``, ``b/x.png``); images that would
+    still share a name, whatever the case (``x.jpg`` and ``x.png``), keep their own suffix too
+    (``x.jpg.png``, ``x.png.png``).
+
+    Args:
+        paths: the image files.
+        root: the folder they were found under (``data.predict_root``); None or a file = none.
+
+    Returns:
+        ``{str(path): relative output name}``.
+    """
+    base = Path(root).resolve() if root is not None and Path(root).is_dir() else None
+    relative = {}
+    for path in paths:
+        resolved = Path(path).resolve()
+        inside = base is not None and resolved.is_relative_to(base)
+        relative[str(path)] = resolved.relative_to(base) if inside else Path(Path(path).name)
+    # Lower case: two names that differ only in case are one file on some file systems.
+    uses = Counter(rel.with_suffix(".png").as_posix().lower() for rel in relative.values())
+    return {
+        path: (
+            rel.as_posix() + ".png"
+            if uses[rel.with_suffix(".png").as_posix().lower()] > 1
+            else rel.with_suffix(".png").as_posix()
+        )
+        for path, rel in relative.items()
+    }
 
 
 def draw_overlay(
@@ -195,11 +253,24 @@ def draw_overlay(
     cells: dict[str, Any],
     class_names: list[str],
     value_names: dict[str, list[str]],
-    folder: Path,
+    out: Path,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Path:
-    """Draw numbered boxes coloured by class and a side panel with each cell's attributes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = Image.open(path).convert("RGB")
+    """Draw numbered boxes coloured by class and a side panel with each cell's attributes.
+
+    Args:
+        path: the image, read as the model read it (`read_image`: 16-bit scaled, alpha on white).
+        cells: ``boxes`` ``[N, 4]`` in the image's pixels, ``scores``, ``labels``, ``attributes``.
+        class_names: one per class.
+        value_names: per attribute, its value names.
+        out: the PNG to write (its folder is created).
+        max_image_pixels: decode limit (the image's own size, which prediction already accepted).
+
+    Raises:
+        DataError: the image can no longer be decoded.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(read_image(path, max_image_pixels).permute(1, 2, 0).numpy())
     width, height = image.size
     num_cells = len(cells["scores"])
     line_height = 16
@@ -241,6 +312,5 @@ def draw_overlay(
             draw.text((width + 20, y), "   ".join(parts[k : k + 2]), fill="black", font=font)
             y += line_height
         y += line_height // 2
-    out = folder / f"{Path(path).stem}.png"
     canvas.save(out)
     return out

@@ -8,6 +8,7 @@ nested options (``--data.synthetic.num_images``) and a config gives them as mapp
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,11 +16,11 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
-from torch.utils.data import DataLoader
 
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
-from lld_lightning.data.dataset import LldDataset
+from lld_lightning.data.dataset import UNREADABLE_IMAGE, LldDataset, SkipCountingLoader
 from lld_lightning.data.errors import DataError, DataReport, OnError
 from lld_lightning.data.formats.load import load_records, summarize_records
 from lld_lightning.data.formats.options import FormatOptions
@@ -28,6 +29,12 @@ from lld_lightning.data.records import ImageRecord
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.sparse import simulate_sparse
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation
+
+#: `lld predict` names the images its letterbox shrinks by more than this factor: cells lose
+#: detail that the model was not trained to do without.
+MAX_SHRINK_WITHOUT_WARNING: float = 2.0
+#: `DataReport` reason of a file in the predict folder without an image suffix.
+NOT_AN_IMAGE: str = "not an image"
 
 #: The batch keys that the teacher's view repeats, as ``teacher_<key>``.
 TEACHER_KEYS: tuple[str, ...] = ("image", "transform", "boxes", "labels", "regions", "region_valid")
@@ -87,7 +94,7 @@ class ReadOptions:
     """How label files and images are read and checked (``docs/formats.md``).
 
     Args:
-        on_error: ``raise`` stops at the first bad label with its file and line; ``skip`` drops the image and counts it.
+        on_error: ``raise`` stops at the first bad label or image (also one found in training) naming its file (and line); ``skip`` drops it and counts it.
         missing_labels: an image without a label file is an ``error`` or ``unlabelled`` (no annotated region).
         region_order: LLD region columns: ``xyxy`` (x1 y1 x2 y2) or ``xxyy`` (x1 x2 y1 y2).
         check_images: ``header`` opens each image header, ``full`` also decodes it, ``none`` opens nothing.
@@ -194,6 +201,9 @@ class LldDataModule(L.LightningDataModule):
         self.teacher_view = teacher_view
         self.predict_root = predict_root
         self.report = DataReport(on_error=reading.on_error)
+        # What the loaders skip while a stage runs (undecodable images, files `lld predict` cannot
+        # read); printed and reset at the end of the stage (`teardown`).
+        self.skip_report = DataReport(on_error=reading.on_error)
         self.train_set: LldDataset | None = None
         self.val_set: LldDataset | None = None
         self.test_sets: dict[str, LldDataset] = {}
@@ -296,16 +306,27 @@ class LldDataModule(L.LightningDataModule):
             Console(stderr=True).print(summarize_records(records, self.report))
 
     def _dataset(
-        self, records: list[ImageRecord], hidden: list[ImageRecord] | None = None
+        self,
+        records: list[ImageRecord],
+        hidden: list[ImageRecord] | None = None,
+        train: bool = False,
+        on_error: OnError | None = None,
     ) -> LldDataset:
-        return LldDataset(records, self.num_attributes, self.reading.max_image_pixels, hidden)
+        return LldDataset(
+            records,
+            self.num_attributes,
+            self.reading.max_image_pixels,
+            hidden,
+            on_error=on_error or self.reading.on_error,
+            fill_skipped=train,
+        )
 
     def _train_dataset(self, records: list[ImageRecord]) -> LldDataset:
         """The training images, made sparse by ``sparse_simulation`` (the full ones kept if asked)."""
         if self.sparse_simulation is None:
-            return self._dataset(records)
+            return self._dataset(records, train=True)
         sparse = [simulate_sparse(r, self.sparse_simulation, self.seed) for r in records]
-        return self._dataset(sparse, records if self.keep_hidden else None)
+        return self._dataset(sparse, records if self.keep_hidden else None, train=True)
 
     def _select(
         self, records: list[ImageRecord], domains: list[str] | None, stage: str
@@ -334,38 +355,68 @@ class LldDataModule(L.LightningDataModule):
         )
 
     def _predict_dataset(self) -> LldDataset:
+        """Every readable image under ``predict_root``; whatever else is there is skipped and
+        listed in `skip_report` whatever ``on_error`` says (one file never costs the others)."""
         if self.predict_root is None:
             raise DataError(
                 "no images to predict on: set --data.predict_root to a folder of images"
             )
         folder = Path(self.predict_root)
-        paths = (
-            sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if folder.is_dir()
-            else [folder]
-        )
-        if not paths:
-            raise DataError.at(
-                folder, "no images found (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
-            )
+        if not folder.exists():
+            raise DataError.at(folder, "predict_root not found")
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
         records = []
-        for image_id, path in enumerate(paths):
-            width, height, _ = probe_image(path, self.reading.max_image_pixels)
+        for path in files:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                self.skip_report.skip_file(
+                    NOT_AN_IMAGE,
+                    path,
+                    f"{path}: suffix {path.suffix!r} is none of {', '.join(sorted(IMAGE_EXTENSIONS))}",
+                )
+                continue
+            try:
+                width, height, _ = probe_image(path, self.reading.max_image_pixels)
+            except DataError as error:
+                self.skip_report.skip_file(UNREADABLE_IMAGE, path, str(error))
+                continue
             records.append(
                 ImageRecord(
                     path=path,
                     width=width,
                     height=height,
-                    image_id=image_id,
+                    image_id=len(records),
                     split="predict",
                     attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
                 )
             )
-        return self._dataset(records)
+        if not records:
+            lines = "; ".join(self.skip_report.summary_lines()) or "the folder is empty"
+            raise DataError.at(folder, f"no readable images: {lines}")
+        self._warn_shrunk(records)
+        return self._dataset(records, on_error="skip")
+
+    def _warn_shrunk(self, records: list[ImageRecord]) -> None:
+        """Name the images the evaluation letterbox shrinks by more than
+        `MAX_SHRINK_WITHOUT_WARNING` (small cells may vanish at the model's input size)."""
+        shrunk = [
+            (r, max(r.width, r.height) / self.image_size)
+            for r in records
+            if max(r.width, r.height) > MAX_SHRINK_WITHOUT_WARNING * self.image_size
+        ]
+        if not shrunk:
+            return
+        named = ", ".join(f"{r.path} ({r.width}x{r.height}, {f:.1f}x)" for r, f in shrunk[:5])
+        more = f" and {len(shrunk) - 5} more" if len(shrunk) > 5 else ""
+        rank_zero_warn(
+            f"lld predict: {len(shrunk)} image(s) shrunk more than "
+            f"{MAX_SHRINK_WITHOUT_WARNING:g}x to the {self.image_size}-pixel model input "
+            f"(data.image_size), where small cells may be missed: {named}{more}. Crop or tile "
+            "such images to the magnification the model was trained on."
+        )
 
     # ------------------------------------------------------------------------------ dataloaders
-    def _loader(self, dataset: LldDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: LldDataset, shuffle: bool) -> SkipCountingLoader:
+        return SkipCountingLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -374,27 +425,40 @@ class LldDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,
+            report=self.skip_report,
         )
 
-    def train_dataloader(self, shuffle: bool = True) -> DataLoader:
+    def train_dataloader(self, shuffle: bool = True) -> SkipCountingLoader:
         """The training images; ``shuffle=False`` reads each once, in order, with no batch
         dropped (for measuring a model on them)."""
         assert self.train_set is not None, "call setup('fit') first"
         return self._loader(self.train_set, shuffle=shuffle)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> SkipCountingLoader:
         assert self.val_set is not None, "call setup('fit') first"
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> dict[str, DataLoader]:
+    def test_dataloader(self) -> dict[str, SkipCountingLoader]:
         """One named loader per test domain."""
         if not self.test_sets:
             raise DataError.at(self.data_root, f"no test images in split {self.splits.test!r}")
         return {domain: self._loader(ds, shuffle=False) for domain, ds in self.test_sets.items()}
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> SkipCountingLoader:
         assert self.predict_set is not None, "call setup('predict') first"
         return self._loader(self.predict_set, shuffle=False)
+
+    def teardown(self, stage: str) -> None:
+        """Print what the loaders skipped during ``stage`` (each file once), then start afresh."""
+        report, self.skip_report = self.skip_report, DataReport(on_error=self.reading.on_error)
+        if not report.num_skipped:
+            return
+        rank = ""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            rank = f" (rank {self.trainer.global_rank})"
+        lines = "\n".join(f"  {line}" for line in report.summary_lines())
+        name = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        print(f"lld {name}{rank}: skipped {report.num_skipped} file(s):\n{lines}", file=sys.stderr)
 
     @property
     def test_domains(self) -> list[str]:

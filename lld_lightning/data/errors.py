@@ -29,6 +29,7 @@ class DataReport:
 
     Attributes:
         on_error: ``"raise"`` raises the first `DataError`; ``"skip"`` counts it and goes on.
+        files: ``{path: (reason, message)}`` of the files counted by `skip_file`.
     """
 
     on_error: OnError = "raise"
@@ -37,19 +38,29 @@ class DataReport:
     duplicate_files: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     converted: Counter = field(default_factory=Counter)
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)
 
-    def error(self, reason: str, error: DataError) -> None:
-        """Raise ``error`` or, under ``on_error: skip``, count it under ``reason``."""
+    def error(self, reason: str, error: DataError, count: int = 1) -> None:
+        """Raise ``error`` or, under ``on_error: skip``, count ``count`` items under ``reason``
+        (e.g. every image of a skipped annotation file)."""
         if self.on_error == "raise":
             raise error
-        self.count(reason, str(error))
+        self.count(reason, str(error), count)
 
-    def count(self, reason: str, message: str) -> None:
+    def count(self, reason: str, message: str, count: int = 1) -> None:
         """Count a harmless anomaly under ``reason`` whatever the policy (it never raises)."""
-        self.skipped[reason] += 1
+        self.skipped[reason] += count
         examples = self.examples.setdefault(reason, [])
         if len(examples) < 3:
             examples.append(message)
+
+    def skip_file(self, reason: str, path: str | Path, message: str) -> None:
+        """Count the file ``path`` as skipped under ``reason`` once, however often it is met
+        (an unreadable training image is met again every epoch); `files` keeps each one."""
+        if str(path) in self.files:
+            return
+        self.files[str(path)] = (reason, message)
+        self.count(reason, message)
 
     def duplicates(self, path: str | Path, count: int) -> None:
         """Record ``count`` exact duplicate rows dropped from ``path``."""
@@ -59,6 +70,7 @@ class DataReport:
 
     def merge(self, other: DataReport) -> None:
         self.skipped.update(other.skipped)
+        self.files.update(other.files)
         self.dropped_duplicates += other.dropped_duplicates
         self.duplicate_files.update(other.duplicate_files)
         self.converted.update(other.converted)
@@ -81,3 +93,21 @@ class DataReport:
             )
         lines += [f"converted {n} {kind} images to RGB" for kind, n in sorted(self.converted.items())]
         return lines
+
+
+def error_message(error: BaseException) -> str:
+    """The message of ``error`` without the worker traceback torch wraps around it.
+
+    An exception raised in a DataLoader worker is re-raised in the main process as the same type,
+    its message replaced by ``"Caught X in DataLoader worker process N. Original Traceback ..."``;
+    the original message is the text after the traceback's last ``module.X: `` line.
+    """
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    kind = type(error)
+    for name in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        index = text.rfind("\n" + name)
+        if index >= 0:
+            return text[index + 1 + len(name) :].strip()
+    return text.strip().splitlines()[-1]

@@ -7,12 +7,23 @@ and regions are xyxy in continuous pixels (pixel ``i`` spans ``[i, i + 1]``). A 
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Final, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
 
 from lld_lightning.constants import IGNORE_INDEX
+
+#: Key of the images a sample or batch skipped (`SkippedImage` list); `LldDataset` writes it under
+#: ``on_error: skip``, `collate` gathers it and `SkipCountingLoader` takes it out of the batch.
+SKIPPED_KEY: Final = "skipped"
+
+
+class SkippedImage(NamedTuple):
+    """An image the dataset skipped: its file and the `DataError` message naming it."""
+
+    path: str
+    message: str
 
 
 class _SampleRequired(TypedDict):
@@ -35,6 +46,9 @@ class Sample(_SampleRequired, total=False):
 
     hidden_boxes: Tensor  # float32 [H, 4] xyxy, original pixels
     hidden_labels: Tensor  # int64 [H]
+    # LldDataset under on_error: skip: the unreadable images this sample stands in for. A
+    # dict holding only this key is a marker: the image was skipped and nothing stands in.
+    skipped: list[SkippedImage]
 
 
 class _BatchRequired(TypedDict):
@@ -55,7 +69,8 @@ class _BatchRequired(TypedDict):
 class Batch(_BatchRequired, total=False):
     """A batch of samples, from the loader to the loss. Who writes which keys:
 
-    - `collate` (CPU): the required keys, and ``hidden_*`` when every sample has them.
+    - `collate` (CPU): the required keys, ``hidden_*`` when every sample has them and
+      ``skipped`` when the dataset skipped an image (`SkipCountingLoader` removes it).
     - `LldDataModule.on_after_batch_transfer` (device), through `DeviceAugmentation`: replaces
       ``image`` by float32 ``[B, 3, S, S]`` in ``[0, 1]`` (``S`` = ``crop_size`` in training when
       set, else ``image_size``), maps ``boxes``/``regions`` into output pixels (dropped cells become
@@ -72,6 +87,9 @@ class Batch(_BatchRequired, total=False):
     # collate, with keep_hidden: the full annotation, original pixels, never transformed.
     hidden_boxes: Tensor  # float32 [B, H, 4]
     hidden_labels: Tensor  # int64 [B, H], IGNORE_INDEX = padding
+    # collate, under on_error: skip: the images skipped in this batch; the only key when no
+    # image is left.
+    skipped: list[SkippedImage]
     # DeviceAugmentation.
     transform: Tensor  # float32 [B, 3, 3]: original pixels -> output pixels
     # LldDataModule with teacher_view (training): the weak (evaluation) view.
@@ -88,7 +106,22 @@ class Batch(_BatchRequired, total=False):
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Pad a list of samples into one `Batch` (its required keys, plus ``hidden_*``)."""
+    """Pad a list of samples into one `Batch` (its required keys, plus ``hidden_*``).
+
+    Skip markers (a sample holding only `SKIPPED_KEY`) are dropped and every skipped image is
+    listed under `SKIPPED_KEY`; a batch of markers only is ``{SKIPPED_KEY: [...]}``.
+    """
+    skipped = [image for sample in samples for image in sample.get(SKIPPED_KEY, [])]
+    samples = [sample for sample in samples if "image" in sample]
+    if not samples:
+        return {SKIPPED_KEY: skipped}  # type: ignore[typeddict-item]
+    batch = _collate_images(samples)
+    if skipped:
+        batch[SKIPPED_KEY] = skipped
+    return batch
+
+
+def _collate_images(samples: list[Sample]) -> Batch:
     batch_size = len(samples)
     heights = [int(s["image"].shape[1]) for s in samples]
     widths = [int(s["image"].shape[2]) for s in samples]

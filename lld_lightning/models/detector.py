@@ -73,12 +73,14 @@ class Detector(nn.Module):
     Args:
         num_classes: number of cell classes ``C`` (given by `LldModule` from the data).
         attribute_spec: ``{name: num_values}`` (given by `LldModule` from the data).
-        backbone: any timm model name that supports ``features_only``.
+        backbone: any timm model name that supports ``features_only``; fixed-size transformers
+            run through timm's ``dynamic_img_size`` or are refused (`TimmBackbone`).
         pretrained: load the backbone's pretrained weights from the model hub.
         pretrained_file: load them from this local full-model checkpoint instead (machines
             without the hub).
-        out_indices: backbone stages fed to the pyramid; ``[2, 3, 4]`` gives strides 8/16/32 on
-            most CNNs, ``[1, 2, 3, 4]`` adds stride 4 for small objects (platelets).
+        out_indices: backbone stages (``feature_info`` indices, increasing strides) fed to the
+            pyramid; ``None``: the stages at strides 8/16/32 (else the three coarsest strides);
+            ``[1, 2, 3, 4]`` on a ResNet adds stride 4 for small objects (platelets).
         fpn_channels: channels of the pyramid levels and the head towers.
         head_convs: 3x3 conv blocks per head tower.
         box_bins: each box side is a distribution over ``0 .. box_bins - 1`` strides.
@@ -101,8 +103,12 @@ class Detector(nn.Module):
         readout: Readout | None = Readout(),  # noqa: B008 (a frozen-by-convention settings record)
     ) -> None:
         super().__init__()
-        out_indices = [2, 3, 4] if out_indices is None else list(out_indices)
-        self.backbone = TimmBackbone(backbone, pretrained, tuple(out_indices), pretrained_file)
+        self.backbone = TimmBackbone(
+            backbone,
+            pretrained=pretrained,
+            out_indices=out_indices,
+            pretrained_file=pretrained_file,
+        )
         self.neck = FpnNeck(self.backbone.channels, self.backbone.strides, fpn_channels)
         self.head = DenseHead(fpn_channels, num_classes, attribute_spec, head_convs, box_bins)
         self.readout = readout

@@ -11,7 +11,11 @@ One process, after warm-up, median of repeated timings, for lld and for the base
 - ``infer_ips``: inference with post-processing and NMS, images/s; ``latency_ms``: one image;
 - ``peak_memory_mb``: CUDA max allocated (GPU) or peak process RSS (CPU) during the training step;
 - ``eval_s`` / ``metrics_s``: the whole test pass over the synthetic test set / the part spent
-  in `DomainMetrics` (update + compute); FCOS has no attribute head, so its metrics are mAP only.
+  in `DomainMetrics` (update + compute); FCOS has no attribute head, so its metrics are mAP only;
+- ``onnx_cpu_ips`` / ``eager_cpu_ips``: inference (post-processing and read-out included) of
+  lld's model exported to ONNX (`lld_lightning.tools.export`) in onnxruntime, and of the same
+  model in eager PyTorch fp32, on the CPU, on the same images, one after the other (skipped with
+  a line when onnxruntime is not installed).
 
 Prints a Rich table with lld/FCOS ratios and appends one JSON line (machine, versions,
 settings, figures, targets) to ``--out``. ``--preset gpu`` is the GPU protocol (resnet50, 640 px,
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -75,6 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         repeats=20,
         warmup=5,
         num_workers=12,
+        onnx=False,  # a CPU-only row: the GPU protocol times the GPU
     ),
 }
 
@@ -125,6 +131,8 @@ class Settings:
         fcos: also measure the FCOS baseline.
         metrics: also time the test pass and its metrics.
         profile: also print torch.profiler top ops of lld's training step and inference.
+        onnx: also time lld's model exported to ONNX in onnxruntime against eager PyTorch, on the
+            CPU (needs onnxruntime).
         threads: CPU threads of torch during the run (None = torch's default).
         out: JSON-lines file the record is appended to.
     """
@@ -144,6 +152,7 @@ class Settings:
     fcos: bool = True
     metrics: bool = True
     profile: bool = False
+    onnx: bool = True
     threads: int | None = None
     out: str = "runs/benchmark/benchmark.jsonl"
 
@@ -413,6 +422,65 @@ def measure_test_pass(
     }
 
 
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime is installed (the ``export`` extra)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def measure_onnx(module: LldModule, images: torch.Tensor, settings: Settings) -> dict[str, float]:
+    """Inference images/s on the CPU of the same images: lld's model exported to ONNX in
+    onnxruntime (``onnx_cpu_ips``) and eager PyTorch fp32 (``eager_cpu_ips``).
+
+    Both give `LldModule.detect`'s detections (the export's parity test); onnxruntime gets as
+    many threads as torch has.
+    """
+    from lld_lightning.tools.export import ExportedModel, export_module
+
+    cpu = torch.device("cpu")
+    device = next(module.parameters()).device
+    module.to(cpu).eval()
+    detector = module.detector
+    images = images.detach().float().to(cpu).contiguous()
+    batch_size = images.shape[0]
+
+    def eager() -> Any:
+        with torch.inference_mode():
+            outputs = detector(images)
+            return detector.detections(
+                outputs,
+                images,
+                module.settings,
+                image_size=tuple(images.shape[-2:]),
+                one_per_cell=True,
+            )
+
+    try:
+        eager_s = median_seconds(eager, cpu, settings.warmup, settings.repeats)
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_module(module, Path(folder) / "lld.onnx", "onnx", images.shape[-1])
+            model = ExportedModel(path, threads=torch.get_num_threads())
+            onnx_s = median_seconds(
+                lambda: model.detect(images), cpu, settings.warmup, settings.repeats
+            )
+    finally:
+        module.to(device)
+    return {"onnx_cpu_ips": batch_size / onnx_s, "eager_cpu_ips": batch_size / eager_s}
+
+
+def onnx_row(
+    module: LldModule, images: torch.Tensor, settings: Settings, console: Console
+) -> dict[str, float]:
+    """`measure_onnx`, or no figures and a line saying why when onnxruntime is not installed."""
+    if not onnxruntime_available():
+        console.log(
+            "onnxruntime is not installed: no ONNX row "
+            "(pip install 'lld-lightning[export]', or --no-onnx)"
+        )
+        return {}
+    console.log("[bold]lld[/]: ONNX in onnxruntime vs eager PyTorch, CPU inference")
+    return measure_onnx(module, images, settings)
+
+
 def profile_lld(
     subject: Subject,
     batch: dict[str, Any],
@@ -552,6 +620,8 @@ def measure_all(settings: Settings, console: Console | None = None) -> dict[str,
     for subject in subjects:
         console.log(f"[bold]{subject.name}[/]: model-only step, inference, latency")
         figures = measure_model_only(subject, batch, device, settings)
+        if subject.name == "lld" and settings.onnx:
+            figures.update(onnx_row(subject.lightning_module, batch["image"], settings, console))
         console.log(f"[bold]{subject.name}[/]: end-to-end training through LldDataModule")
         figures.update(measure_end_to_end(subject, datamodule, device, settings))
         figures["e2e_fraction"] = figures["e2e_ips"] / figures["train_ips"]
@@ -594,6 +664,8 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
     ("eval_s", "test pass (s)", "{:.2f}"),
     ("metrics_s", "of which metrics (s)", "{:.2f}"),
     ("test_images", "test images", "{:.0f}"),
+    ("eager_cpu_ips", "inference, PyTorch eager CPU (img/s)", "{:.2f}"),
+    ("onnx_cpu_ips", "inference, onnxruntime CPU (img/s)", "{:.2f}"),
 )
 
 
@@ -693,6 +765,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     )
     parser.add_argument(
         "--profile", action="store_true", default=None, help="print profiler tables"
+    )
+    parser.add_argument(
+        "--no-onnx",
+        dest="onnx",
+        action="store_false",
+        default=None,
+        help="skip the onnxruntime vs eager PyTorch CPU inference row",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", help=f"JSON-lines file to append to (default {defaults.out})")

@@ -11,10 +11,10 @@ import itertools
 import sys
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 from unittest.mock import patch
 
+from lld_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
 from lld_lightning.module import LldModule
 
 Split = Literal["val", "test", "train"]
@@ -69,8 +69,10 @@ def load_checkpoint_split(
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not Path(ckpt_path).is_file():
-        raise SystemExit(f"{prog}: no checkpoint at {ckpt_path}")
+    try:
+        read_checkpoint(ckpt_path)
+    except CheckpointError as error:
+        raise SystemExit(f"{prog}: {error}") from None
     # The command's own argv is not LightningCLI's (it warns when it sees both).
     with patch.object(sys, "argv", sys.argv[:1]):
         cli = LldCLI(

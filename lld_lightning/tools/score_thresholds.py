@@ -12,7 +12,7 @@ It suggests, per class, the lowest listed threshold whose precision reaches ``--
 Measure on a split the teacher was not trained on (a teacher is over-confident on its own training images), e.g. the
 validation split of a fully annotated set made sparse with ``data.sparse_simulation``::
 
-    python -m lld_lightning.tools.score_thresholds --ckpt_path runs/x/checkpoints/best.ckpt \\
+    python -m lld_lightning.tools.score_thresholds --ckpt_path runs/x/latest/checkpoints/best.ckpt \\
         --config configs/txl.yaml --data.image_size 256
 
 ``--split train`` measures on the training images, where the pseudo-labeller works. Their
@@ -21,7 +21,7 @@ labelled rectangles are what a real sparse set offers to choose a threshold on; 
 also scores the detections outside the rectangles (the pseudo-labels' real precision), so the two
 can be compared::
 
-    python -m lld_lightning.tools.score_thresholds --ckpt_path runs/x/checkpoints/last.ckpt --teacher \\
+    python -m lld_lightning.tools.score_thresholds --ckpt_path runs/x/latest/checkpoints/last.ckpt --teacher \\
         --split train --config configs/txl.yaml --data.image_size 256 --data.sparse_simulation 0.2
 
 Everything that is not one of this command's own flags goes to `lld` (``--config``, ``--data.*``)

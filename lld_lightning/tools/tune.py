@@ -9,7 +9,7 @@ and `DomainMetrics` that ``lld validate`` uses. So the row of the checkpoint's o
 config's ``model.postprocess``). Choose on the validation split; the
 test split is for reporting, and settings picked on it overstate the test numbers::
 
-    python -m lld_lightning.tools.tune --ckpt_path runs/txl/checkpoints/best.ckpt --config configs/txl.yaml \\
+    python -m lld_lightning.tools.tune --ckpt_path runs/txl/latest/checkpoints/best.ckpt --config configs/txl.yaml \\
         --score-threshold 0.001 0.05 --out runs/txl/tune.json
 
 By default NMS IoU 0.5 / 0.6 / 0.7 / 0.8 times quality weight 0 / 0.25 / 0.5 / 0.75 (16

@@ -19,7 +19,11 @@ from lld_lightning.constants import IGNORE_INDEX
 from lld_lightning.data.domains import Manifest, discover_domain
 from lld_lightning.data.errors import DataError, DataReport
 from lld_lightning.data.formats.options import FormatOptions
-from lld_lightning.data.formats.yolo import BOX_TOLERANCE
+from lld_lightning.data.formats.yolo import (
+    BOX_TOLERANCE,
+    MIN_BOX_PIXELS,
+    centres_outside_regions,
+)
 from lld_lightning.data.images import needs_conversion, probe_image, read_image
 from lld_lightning.data.records import ImageRecord
 
@@ -147,14 +151,40 @@ def _load_document(json_path: Path) -> dict:
     return document
 
 
+def _spec_counts(json_path: Path, spec: Any) -> dict[str, int]:
+    """A file's ``attribute_spec`` as ``{name: number of values}``.
+
+    Each entry is the list of value names this package writes, or a count (the form of the
+    configured ``attribute_spec``); both say the same thing, so either is read.
+
+    Raises:
+        DataError: not a mapping, or an entry that is neither a list nor a positive integer.
+    """
+    if not isinstance(spec, dict):
+        raise DataError.at(
+            json_path, f"attribute_spec must map each name to its value names, got {spec!r}"
+        )
+    counts = {}
+    for name, values in spec.items():
+        if isinstance(values, list):
+            counts[name] = len(values)
+        elif _is_int(values) and values > 0:
+            counts[name] = values
+        else:
+            raise DataError.at(
+                json_path,
+                f"attribute_spec[{name!r}] = {values!r}: expected a list of value names or a "
+                "positive number of values",
+            )
+    return counts
+
+
 def _check_header(json_path: Path, document: dict, options: FormatOptions) -> None:
     """The file's ``attribute_spec`` and ``categories`` must agree with ``options``."""
     spec = document.get("attribute_spec")
     if spec is not None:
-        counts = (
-            {name: len(values) for name, values in spec.items()} if isinstance(spec, dict) else None
-        )
-        if counts is None or list(counts.items()) != list(options.attribute_spec.items()):
+        counts = _spec_counts(json_path, spec)
+        if list(counts.items()) != list(options.attribute_spec.items()):
             raise DataError.at(
                 json_path,
                 f"attribute_spec {counts} does not match the configured {options.attribute_spec}",
@@ -180,8 +210,13 @@ def _read_box(json_path: Path, annotation: dict, width: int, height: int) -> lis
             json_path, f"{where}: bbox must be 4 finite numbers, got {annotation.get('bbox')}"
         )
     x, y, w, h = bbox
-    if w <= 0 or h <= 0:
-        raise DataError.at(json_path, f"{where}: box has zero or negative size (w={w}, h={h})")
+    if w < MIN_BOX_PIXELS or h < MIN_BOX_PIXELS:
+        size = "zero or negative" if min(w, h) <= 0 else "degenerate"
+        raise DataError.at(
+            json_path,
+            f"{where}: box has {size} size (w={w:g}, h={h:g} pixels); each side must be at "
+            f"least {MIN_BOX_PIXELS:g} pixel",
+        )
     x2, y2 = x + w, y + h
     if (
         x < -BOX_TOLERANCE * width
@@ -311,7 +346,7 @@ def _image_record(
         raise DataError.at(path, f"image too large: {width}x{height} > {options.max_image_pixels}")
     mode = _check_image_file(json_path, image, path, options)
     seen: set[tuple] = set()
-    boxes, labels, attributes = [], [], []
+    boxes, labels, attributes, annotation_ids = [], [], [], []
     for annotation in annotations:
         box = _read_box(json_path, annotation, width, height)
         label = _read_class(json_path, annotation, options)
@@ -323,9 +358,11 @@ def _image_record(
         boxes.append(box)
         labels.append(label)
         attributes.append(values)
+        annotation_ids.append(annotation.get("id"))
     regions = _read_regions(json_path, image, width, height)
     if boxes and regions.shape[0] == 0:
         raise DataError.at(json_path, f"{where}: has annotations but annotated_regions is []")
+    _check_centres_in_regions(json_path, where, annotation_ids, boxes, regions)
     record = ImageRecord(
         path=path,
         width=width,
@@ -338,6 +375,29 @@ def _image_record(
         label_path=json_path,
     )
     return record, len(annotations) - len(boxes), mode
+
+
+def _check_centres_in_regions(
+    json_path: Path,
+    where: str,
+    annotation_ids: list[Any],
+    boxes: list[list[float]],
+    regions: np.ndarray,
+) -> None:
+    """Every cell must be centred inside an annotated region of its image (within
+    `REGION_TOLERANCE_PIXELS`): the loss learns only inside the regions, so a cell centred
+    outside all of them contradicts its image's own labels."""
+    if not boxes:
+        return
+    outside = centres_outside_regions(np.asarray(boxes), regions)  # [N]
+    if not outside.any():
+        return
+    i = int(np.argmax(outside))
+    raise DataError.at(
+        json_path,
+        f"annotation id {annotation_ids[i]} ({where}): box {[round(v, 2) for v in boxes[i]]} "
+        f"(xyxy) is centred outside every annotated region of its image {regions.tolist()}",
+    )
 
 
 def _domain(
@@ -372,15 +432,21 @@ def read_coco(
 
     Raises:
         DataError: under ``on_error: raise``, the first problem (names the json file and the
-            image or annotation id); under ``skip`` that image is skipped and counted.
+            image or annotation id); under ``skip`` that image is skipped and counted (a file
+            whose header is wrong counts all its images).
     """
     json_path = Path(json_path)
     roots = [Path(images_root)] if isinstance(images_root, (str, Path)) else list(images_root)
     try:
         document = _load_document(json_path)
+    except DataError as err:
+        report.error("invalid annotation file", err)  # how many images it held is unknown
+        return []
+    try:
         _check_header(json_path, document, options)
     except DataError as err:
-        report.error("invalid annotation file", err)
+        # Every image of the file is lost: count them all.
+        report.error("invalid annotation file", err, count=len(document["images"]))
         return []
     images = document["images"]
     ids = [image.get("id") if isinstance(image, dict) else None for image in images]

@@ -22,6 +22,7 @@ from lld_lightning.data.formats.options import FormatOptions, RegionOrder
 from lld_lightning.data.formats.yolo import (
     BOX_TOLERANCE,
     LabelRows,
+    centres_outside_regions,
     check_class_ids,
     read_label_rows,
     yolo_boxes_to_xyxy,
@@ -93,6 +94,25 @@ def _attributes(path: Path, rows: LabelRows, attribute_spec: Mapping[str, int]) 
     return np.where(missing, IGNORE_INDEX, values)
 
 
+def _check_centres_in_regions(
+    path: Path, rows: LabelRows, boxes: np.ndarray, regions: np.ndarray
+) -> None:
+    """Every cell must be centred inside one of the image's annotated regions (any row's, within
+    `REGION_TOLERANCE_PIXELS`): the loss learns only inside the regions, so a cell centred
+    outside all of them contradicts the file's own labels."""
+    outside = centres_outside_regions(boxes, np.unique(regions, axis=0))  # [N]
+    if outside.any():
+        i = int(np.argmax(outside))
+        x1, y1, x2, y2 = regions[i]
+        raise DataError.at(
+            path,
+            f"box {[round(float(v), 2) for v in boxes[i]]} (xyxy pixels) is centred outside "
+            f"every annotated region of the image, its own x1={x1:g} y1={y1:g} x2={x2:g} "
+            f"y2={y2:g} included",
+            int(rows.lines[i]),
+        )
+
+
 def parse_lld_label_file(
     label_path: Path,
     image_path: Path,
@@ -117,13 +137,15 @@ def parse_lld_label_file(
         image ``[1, 4]`` when the file is empty).
 
     Raises:
-        DataError: any malformed row; the message names the file and line.
+        DataError: any malformed row, or a cell centred outside every annotated region; the
+            message names the file and line.
     """
     num_columns = LLD_FIXED_COLUMNS + len(options.attribute_spec)
     rows = read_label_rows(label_path, num_columns)
     labels = check_class_ids(label_path, rows, options.num_classes)
     boxes = yolo_boxes_to_xyxy(label_path, rows, width, height)
     regions = _regions_per_row(label_path, rows, width, height, options.region_order)
+    _check_centres_in_regions(label_path, rows, boxes, regions)
     attributes = _attributes(label_path, rows, options.attribute_spec)
     report.duplicates(label_path, rows.num_duplicates)
     record = ImageRecord(

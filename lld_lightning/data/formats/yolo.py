@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from lld_lightning.boxes import box_centres, points_in_boxes
 from lld_lightning.constants import IGNORE_INDEX
 from lld_lightning.data.domains import read_csv_rows
 from lld_lightning.data.errors import DataError, DataReport
@@ -19,6 +21,12 @@ from lld_lightning.data.records import ImageRecord
 
 #: Normalised slack for boxes that poke out of the image through rounding; then clipped.
 BOX_TOLERANCE: float = 1e-3
+#: Least width and height of an annotated box in pixels (before clipping): no cell is smaller, and
+#: a thinner box is a labelling slip (a click instead of a drag) that no box coding can learn.
+MIN_BOX_PIXELS: float = 1.0
+#: Slack around an annotated region for the centres of its cells: label files round regions to
+#: 2 decimals and boxes to 6, which moves a centre on the border by a fraction of a pixel.
+REGION_TOLERANCE_PIXELS: float = 1.0
 #: Numbers per plain YOLO row.
 YOLO_COLUMNS: int = 5
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -129,20 +137,41 @@ def check_class_ids(path: Path, rows: LabelRows, num_classes: int) -> np.ndarray
     return classes.astype(np.int64)
 
 
+def centres_outside_regions(boxes_xyxy: np.ndarray, regions_xyxy: np.ndarray) -> np.ndarray:
+    """Which cells are centred outside every region (grown by `REGION_TOLERANCE_PIXELS`).
+
+    Args:
+        boxes_xyxy: float ``[N, 4]`` pixels.
+        regions_xyxy: float ``[R, 4]`` pixels (the image's annotated regions).
+
+    Returns:
+        bool ``[N]``.
+    """
+    slack = np.array([-1.0, -1.0, 1.0, 1.0]) * REGION_TOLERANCE_PIXELS
+    regions = torch.from_numpy(np.asarray(regions_xyxy, dtype=np.float64).reshape(-1, 4) + slack)
+    centres = box_centres(torch.from_numpy(np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)))
+    return ~points_in_boxes(centres, regions).numpy()  # [N]
+
+
 def yolo_boxes_to_xyxy(path: Path, rows: LabelRows, width: int, height: int) -> np.ndarray:
     """Columns 1-4 (``xc yc w h`` normalised) -> float32 ``[N, 4]`` xyxy pixels.
 
     Boxes may stick out of the image by `BOX_TOLERANCE` (rounding) and are then clipped.
 
     Raises:
-        DataError: a box of zero or negative size, or one outside the image.
+        DataError: a box under `MIN_BOX_PIXELS` wide or high (zero, negative or degenerate), or
+            one outside the image.
     """
     xc, yc, w, h = (rows.values[:, k] for k in range(1, 5))
-    flat = (w <= 0) | (h <= 0)
+    flat = (w * width < MIN_BOX_PIXELS) | (h * height < MIN_BOX_PIXELS)
     if flat.any():
         i = int(np.argmax(flat))
+        size = "zero or negative" if min(w[i], h[i]) <= 0 else "degenerate"
         raise DataError.at(
-            path, f"box has zero or negative size (w={w[i]:g}, h={h[i]:g})", int(rows.lines[i])
+            path,
+            f"box has {size} size: {w[i] * width:g}x{h[i] * height:g} pixels (w={w[i]:g}, "
+            f"h={h[i]:g} normalised); each side must be at least {MIN_BOX_PIXELS:g} pixel",
+            int(rows.lines[i]),
         )
     normalised = np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)  # [N, 4]
     outside = (normalised[:, :2] < -BOX_TOLERANCE).any(1) | (
