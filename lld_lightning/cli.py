@@ -41,6 +41,7 @@ from lld_lightning.callbacks.checkpoint import (
 from lld_lightning.callbacks.predict_writer import PredictionWriter
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
+from lld_lightning.models.backbone import BackboneError
 from lld_lightning.module import LldModule
 from lld_lightning.tools.machine import cpu_bf16_units
 
@@ -345,7 +346,13 @@ def _mapping_keys(value: str) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> LldCLI:
-    """Run the CLI; a data error or a non-finite loss ends with a one-paragraph message (exit 2)."""
+    """Run the CLI; a data error, a backbone timm cannot serve or a non-finite loss ends with a
+    one-paragraph message (exit 2). ``lld export ...`` runs `lld_lightning.tools.export`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["export"]:
+        from lld_lightning.tools.export import main as export_main
+
+        raise SystemExit(export_main(argv[1:]))
     try:
         return LldCLI(
             LldModule,
@@ -359,6 +366,9 @@ def main(args: list[str] | None = None) -> LldCLI:
         kind = "data error" if isinstance(error, DataError) else "training stopped"
         # error_message: a DataLoader worker's error arrives wrapped in its traceback.
         print(f"lld: {kind}: {error_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BackboneError as error:
+        print(f"lld: backbone error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

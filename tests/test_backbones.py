@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -174,3 +175,15 @@ def test_cli_parses_another_backbone(capsys: pytest.CaptureFixture) -> None:
     printed = capsys.readouterr().out
     assert "backbone: convnext_atto" in printed
     assert "out_indices: null" in printed
+
+
+def test_a_backbone_timm_cannot_serve_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lld_lightning.cli import main as lld
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        lld(["fit", "--config", str(config), "--model.detector.backbone", "vit_tiny_patch16_224",
+             "--data.synthetic.dir", str(tmp_path / "data"), "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lld:")]
+    assert len(lines) == 1 and "vit_tiny_patch16_224" in lines[0]

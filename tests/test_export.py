@@ -245,3 +245,17 @@ def test_wrong_input_and_missing_files_are_one_line_errors(
     lone.write_bytes(exported["onnx"].read_bytes())
     with pytest.raises(ExportError, match="lone.onnx.json is missing"):
         ExportedModel(lone)
+
+
+def test_lld_export_runs_the_export_command(exported: dict[str, Path], tmp_path: Path) -> None:
+    from lld_lightning.cli import main as lld
+
+    out = tmp_path / "model.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        lld(["export", "--ckpt_path", str(exported["ckpt"]), "--format", "torchscript", "--out", str(out)])
+    assert exit_info.value.code == 0
+    assert out.is_file() and metadata_path(out).is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        lld(["export", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert exit_info.value.code == 2
+
