@@ -180,6 +180,8 @@ class LldCLI(LightningCLI):
         root = Path(config.get("default_root_dir") or "runs/default")
         ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
         self.run_dir = None
+        if self.subcommand == "fit" and ckpt_path is not None:
+            self.model.resume()  # the checkpoint restores every weight: no --model.init_from
         if self.subcommand == "fit" and not config.get("fast_dev_run"):
             self.run_dir = self._fit_run_folder(root, ckpt_path)
             config["default_root_dir"] = str(self.run_dir)

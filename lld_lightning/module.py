@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
@@ -59,6 +59,11 @@ class LldModule(L.LightningModule):
         metrics_backend: ``pycocotools`` or ``faster_coco_eval`` (same numbers, faster) for mAP.
         channels_last: run the detector in channels-last memory format (faster on GPUs).
         compile: wrap the detector in ``torch.compile``.
+        init_from: start a new fit from the detector weights of this checkpoint (e.g. a model
+            trained on fully annotated images, before sparse fine-tuning): new optimiser,
+            schedule and run folder; parameters whose shape differs (another class count or
+            attribute set) keep their fresh initialisation, with a warning. Ignored when a fit
+            resumes from ``--ckpt_path``.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class LldModule(L.LightningModule):
         metrics_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         channels_last: bool = False,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         attribute_spec = dict(LLD_ATTRIBUTE_SPEC) if attribute_spec is None else dict(attribute_spec)
@@ -106,6 +112,12 @@ class LldModule(L.LightningModule):
         self.test_metrics: DomainMetrics | None = None
         self.test_results: dict[str, float] = {}
         self._schedule_steps: int | None = None
+        self._resuming = False
+
+    def resume(self) -> None:
+        """Mark the next fit as a resume: its checkpoint restores every weight, so ``init_from`` is
+        not read (the CLI calls this when ``lld fit`` gets ``--ckpt_path``)."""
+        self._resuming = True
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -173,6 +185,8 @@ class LldModule(L.LightningModule):
 
     # --------------------------------------------------------------------------- evaluation
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from and not self._resuming:
+            load_detector_weights(self.detector, self.hparams.init_from)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         kwargs = dict(
             num_classes=self.hparams.num_classes,
@@ -288,6 +302,37 @@ class LldModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_detector_weights(detector: torch.nn.Module, path: str) -> list[str]:
+    """Copy a checkpoint's detector weights into ``detector`` where names and shapes agree.
+
+    Returns:
+        The names of ``detector``'s parameters and buffers that kept their own values (absent from
+        the checkpoint or of another shape); a warning lists them.
+
+    Raises:
+        CheckpointError: the file is not a checkpoint of `LldModule` (one line naming it).
+    """
+    from lld_lightning.callbacks.checkpoint import read_checkpoint
+
+    prefix = "detector."
+    source = {
+        key[len(prefix):]: value
+        for key, value in read_checkpoint(path)["state_dict"].items()
+        if key.startswith(prefix)
+    }
+    own = detector.state_dict()
+    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    detector.load_state_dict(matching, strict=False)
+    kept = sorted(set(own) - set(matching))
+    if kept:
+        rank_zero_warn(
+            f"init_from {path}: {len(matching)} of {len(own)} detector tensors loaded; kept their "
+            f"fresh initialisation (absent or another shape): {', '.join(kept[:8])}"
+            + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
+        )
+    return kept
 
 
 def _as_postprocess(value: PostProcess | dict[str, Any]) -> PostProcess:
