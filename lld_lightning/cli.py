@@ -41,6 +41,8 @@ from lld_lightning.callbacks.checkpoint import (
 from lld_lightning.callbacks.predict_writer import PredictionWriter
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
+from lld_lightning.metrics import EvaluationDetails
+from lld_lightning.metrics.results import PLOTS_DIR, write_test_outputs
 from lld_lightning.models.backbone import BackboneError
 from lld_lightning.module import LldModule
 from lld_lightning.tools.machine import cpu_bf16_units
@@ -57,7 +59,8 @@ class LldCLI(LightningCLI):
     (by ``--checkpoint.monitor``, val mAP@.5 unless a config says otherwise) and
     ``checkpoints/last.ckpt`` (the latest state, `RunCheckpoint`), TensorBoard and CSV logs with
     the learning rate; a fit resumed from a run's checkpoint continues in that run's folder, and
-    ``lld test`` of a run's checkpoint writes ``test_results.json`` there. ``--ckpt_path last``
+    ``lld test`` of a run's checkpoint writes ``test_results.json``, ``results.json`` and
+    ``plots/`` there (`lld_lightning.metrics.results`). ``--ckpt_path last``
     (or ``best``) names that checkpoint of the latest run. Every checkpoint is checked before
     use and loaded with ``weights_only=True``; the evaluating commands refuse to run without one
     unless ``--allow_random_weights true``. A Rich progress bar is shown.
@@ -254,7 +257,20 @@ class LldCLI(LightningCLI):
         path = self.run_dir / TEST_RESULTS
         text = json.dumps(self.model.test_results, indent=2, sort_keys=True, default=float) + "\n"
         atomic_write(path, lambda handle: handle.write(text.encode()))
-        rank_zero_info(f"lld test: results written to {path}")
+        details = self.model.test_details or EvaluationDetails()
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        written = write_test_outputs(
+            self.run_dir,
+            self.model.test_results,
+            details,
+            self.model.class_names,
+            self.model.attribute_spec,
+            None if ckpt_path is None else os.path.realpath(ckpt_path),
+        )
+        rank_zero_info(
+            f"lld test: results written to {path}, {written[0].name} and {len(written) - 1} "
+            f"plots in {written[0].parent / PLOTS_DIR}"
+        )
 
 
 def _refuse(subcommand: str, message: str) -> None:

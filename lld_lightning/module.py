@@ -18,7 +18,14 @@ from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
 from lld_lightning.data.sample import Batch, unbatch_targets
 from lld_lightning.data.transforms import invert_boxes
 from lld_lightning.losses import SparseDetectionLoss
-from lld_lightning.metrics import DomainMetrics, keep_inside_regions, render_metrics_table
+from lld_lightning.metrics import (
+    DomainMetrics,
+    EvaluationDetails,
+    attribute_report_table,
+    class_ap_table,
+    keep_inside_regions,
+    render_metrics_table,
+)
 from lld_lightning.models import Detector, PostProcess
 from lld_lightning.models.postprocess import Detections
 
@@ -217,10 +224,18 @@ class LldModule(L.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
-    def _log_metrics(self, metrics: DomainMetrics, stage: str) -> dict[str, float]:
+    def _log_metrics(
+        self, metrics: DomainMetrics, stage: str, details: bool = False
+    ) -> dict[str, float]:
         """Compute, reset and log ``metrics`` as ``<stage>/<key>`` (``all/`` dropped); every rank
-        logs the same keys in the same order (`DomainMetrics` picks scopes from synced counts)."""
-        results = metrics.compute()
+        logs the same keys in the same order (`DomainMetrics` picks scopes, and leaves out
+        classes without ground truth and undefined attribute metrics, from synced states).
+        With ``details`` the `EvaluationDetails` (PR curves, confusion matrices) are kept in
+        ``test_details``."""
+        if details:
+            results, self.test_details = metrics.compute_with_details()
+        else:
+            results = metrics.compute()
         metrics.reset()
         for key, value in results.items():
             name = f"{stage}/{key[len('all/'):]}" if key.startswith("all/") else f"{stage}/{key}"
@@ -240,14 +255,23 @@ class LldModule(L.LightningModule):
         if self.trainer.state.fn == "validate":  # `lld validate`: show the table; during fit the logs do
             self._print_table(results, self.val_metrics.domains, "lld validate: per-domain results")
 
+    #: PR curves and confusion matrices of the latest `lld test` (`EvaluationDetails`), which the
+    #: CLI saves with the flat ``test_results``; None before a test.
+    test_details: EvaluationDetails | None = None
+
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_metrics(self.test_metrics, "test")
+        self.test_results = self._log_metrics(self.test_metrics, "test", details=True)
         self._print_table(self.test_results, self.test_metrics.domains, "lld test: per-domain results")
 
     @rank_zero_only
     def _print_table(self, results: dict[str, float], domains: list[str], title: str) -> None:
+        """The per-domain summary, then AP per class and attribute accuracy / F1 per domain."""
         shown = [d for d in domains if f"{d}/map" in results]
-        Console().print(render_metrics_table(results, shown, title=title))
+        console = Console()
+        console.print(render_metrics_table(results, shown, title=title))
+        console.print(class_ap_table(results, self.class_names, shown))
+        if self.attribute_spec:
+            console.print(attribute_report_table(results, self.attribute_spec, shown))
 
     # ----------------------------------------------------------------------------- predict
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:

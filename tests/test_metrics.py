@@ -18,6 +18,7 @@ from lld_lightning.metrics import (
     DomainMetrics,
     UnevenMeanAveragePrecision,
     attribute_report_table,
+    class_ap_table,
     match_detections,
     render_metrics_table,
 )
@@ -226,7 +227,9 @@ def test_per_domain_separation() -> None:
     assert out["L.40x/C2/attr/mean_accuracy"] == 0.0
     assert out["all/attr/size/accuracy"] == pytest.approx(2 / 5)  # 2 of 2 right, 0 of 3
     assert out["all/ap/None"] == pytest.approx(0.0)  # "None" only on the bad domain
-    assert out["H_100x_C1/ap/None"] == -1.0  # absent from that domain
+    # "None" has no cell in H_100x_C1: no AP there, left out rather than torchmetrics' -1.
+    assert "H_100x_C1/ap/None" not in out
+    assert not any(v == -1.0 for k, v in out.items() if "/ap/" in k or "/attr/" in k)
 
 
 def test_empty_predictions_give_zero_map() -> None:
@@ -238,7 +241,9 @@ def test_empty_predictions_give_zero_map() -> None:
     assert out["all/map"] == 0.0
     assert out["all/map_50"] == 0.0
     assert out["all/attr/matched_fraction"] == 0.0
-    assert out["all/attr/mean_f1"] == UNDEFINED_METRIC
+    # No matched cell: the attribute metrics are undefined (-1 in AttributeMetrics), left out.
+    assert "all/attr/mean_f1" not in out and "all/attr/size/f1" not in out
+    assert UNDEFINED_METRIC not in out.values()
 
 
 def random_case(seed: int, num_images: int = 6) -> tuple[list[dict], list[dict]]:
@@ -359,9 +364,10 @@ def test_domain_metrics_under_single_process_gloo_group(tmp_path) -> None:
     try:
         synced = domain_metrics()
         synced.update(preds, targets, domains)
-        got = synced.compute()
+        got, got_details = synced.compute_with_details()
     finally:
         dist.destroy_process_group()
+    assert got_details == local.compute_with_details()[1]
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
@@ -409,3 +415,59 @@ def test_attribute_table_reads_domain_names_with_slashes_and_undefined() -> None
     report = table_cells(attribute_report_table(metrics.compute(), SPEC))
     assert report[0] == ["attribute", "L.40x/C2", "all"]
     assert report[2] == ["flag", "- / -", "- / -"]  # no flag value: undefined, shown as "-"
+
+
+def test_class_ap_table_shows_ap_per_class_and_dash_where_absent() -> None:
+    metrics = domain_metrics()
+    metrics.update([perfect(TWO_CELLS), perfect(THREE_CELLS)], [TWO_CELLS, THREE_CELLS],
+                   ["H_100x_C1", "L.40x/C2"])
+    rows = table_cells(class_ap_table(metrics.compute(), CLASSES, metrics.domains))
+    assert rows == [
+        ["class", "H_100x_C1", "L.40x/C2", "all"],
+        ["None", "-", "1.000", "1.000"],  # no "None" cell in H_100x_C1
+        ["Blast", "1.000", "1.000", "1.000"],
+        ["Lympho", "1.000", "1.000", "1.000"],
+    ]
+
+
+# --- details: PR curves, confusion matrices ---------------------------------------------------
+
+
+def test_details_hold_pr_curves_of_present_classes_and_the_confusion_matrices() -> None:
+    metrics = domain_metrics()
+    bad = perfect(THREE_CELLS)
+    bad["attributes"] = 1 - THREE_CELLS["attributes"].clamp(max=1)
+    metrics.update([perfect(TWO_CELLS), bad], [TWO_CELLS, THREE_CELLS], ["H_100x_C1", "L.40x/C2"])
+    flat, details = metrics.compute_with_details()
+    assert flat == metrics.compute()  # the same numbers, with or without details
+    assert len(details.recall_thresholds) == 101
+    assert list(details.pr_curves["H_100x_C1"]) == ["Blast", "Lympho"]  # "None" has no cell
+    assert list(details.pr_curves["all"]) == CLASSES
+    for curve in details.pr_curves["all"].values():
+        assert curve == pytest.approx([1.0] * 101)  # boxes and labels are perfect everywhere
+    # size: H_100x_C1 has (0->0), (2->2); L.40x/C2 has true 1,2,0 predicted 0,0,1.
+    assert details.confusion["H_100x_C1"]["size"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert details.confusion["all"]["size"] == [[1, 1, 0], [1, 0, 0], [1, 0, 1]]
+    # flag: (1->1) in H_100x_C1 (its other cell has none); (0->1), (1->0), (0->1) in L.40x/C2.
+    assert details.confusion["all"]["flag"] == [[0, 2], [1, 1]]
+    assert sum(map(sum, details.confusion["all"]["size"])) == 5
+
+
+def test_plots_are_images_of_sensible_size() -> None:
+    from lld_lightning.metrics.plots import (
+        confusion_matrix_plot,
+        domain_bars_plot,
+        pr_curves_plot,
+    )
+
+    recall = [i / 100 for i in range(101)]
+    curves = {name: [1 - r * (i + 1) / 4 for r in recall] for i, name in enumerate(CLASSES)}
+    images = [
+        pr_curves_plot(recall, curves, {"Blast": 0.5}, "PR"),
+        confusion_matrix_plot([[3, 1, 0], [0, 2, 0], [1, 0, 5]], ["small", "medium", "large"], "c"),
+        domain_bars_plot({"A": {"mAP": 0.3, "mAP@.5": 0.6}, "all": {"mAP": 0.2}}, "bars"),
+    ]
+    for image in images:
+        width, height = image.size
+        assert 300 <= width <= 2000 and 300 <= height <= 2000
+        assert len(image.getcolors(maxcolors=1 << 16) or []) > 3  # drawn, not blank

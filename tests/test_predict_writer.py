@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from lld_lightning.callbacks.predict_writer import SKIPPED_FILE, overlay_names
+from lld_lightning.callbacks.report import COUNTS_FILE, REPORT_FILE
 from lld_lightning.cli import main
 from tests.conftest import REPO
 from tests.test_bad_data import noise_png, truncate
@@ -94,6 +96,12 @@ def test_predict_writes_every_readable_image_and_lists_the_rest(
     assert overlays == ["a/cell.png", "b/cell.jpg.png", "b/cell.png.png", "big.png"]
     printed = capsys.readouterr().out
     assert f"in 4 images -> {out}; skipped 3 files, listed in {SKIPPED_FILE}" in printed
+    # The report and the counts cover every readable image, with every class.
+    with open(out / COUNTS_FILE, newline="") as handle:
+        counted = Counter(row["image"] for row in csv.DictReader(handle))
+    assert sorted(counted) == sorted(i["file_name"] for i in coco["images"])
+    assert set(counted.values()) == {len(coco["categories"])}
+    assert (out / REPORT_FILE).read_text(encoding="utf-8").count('<section class="image"') == 4
 
 
 def test_predict_on_a_folder_without_a_readable_image_is_one_line(

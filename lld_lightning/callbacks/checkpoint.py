@@ -10,6 +10,7 @@
         metrics.csv, hparams.yaml    CSV logs
         events.out.tfevents.*        TensorBoard logs
         test_results.json            what the latest `lld test` of one of its checkpoints measured
+        results.json, plots/         the same, structured, with PR curves and confusion matrices
     ROOT/latest -> version_N         the run the latest fit wrote to
 
 A fit resumed from a run's checkpoint (``--ckpt_path ROOT/version_N/checkpoints/last.ckpt``)

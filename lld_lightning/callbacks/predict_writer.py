@@ -1,5 +1,5 @@
 """Writes ``lld predict`` results: COCO-style JSON with attributes, a CSV row per cell, overlays,
-and the list of files it skipped."""
+the list of files it skipped, and the HTML report with the differential counts (`report`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image, ImageDraw, ImageFont
 
 from lld_lightning import predictor
+from lld_lightning.callbacks.report import ImageResult, write_report
 from lld_lightning.data.errors import DataError
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_image
-from lld_lightning.predictor import select_cells
+from lld_lightning.predictor import cells_from_detections, select_cells
 
 #: The file listing what a prediction skipped: one row per file, with the reason and the message.
 SKIPPED_FILE: str = "skipped.csv"
@@ -41,7 +42,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 99, 71),
     (90, 60, 160),
 )
-PANEL_WIDTH = 460
+#: Widest side panel of an overlay, in characters of its font (longer lines are cut at the edge).
+PANEL_MAX_CHARS: int = 40
 
 
 def attribute_value_names(attribute_spec: dict[str, int], datamodule: Any) -> dict[str, list[str]]:
@@ -56,8 +58,9 @@ class PredictionWriter(BasePredictionWriter):
     Files: ``detections.json`` (the project's COCO-with-attributes schema, plus ``score`` and
     ``attribute_scores`` per annotation), ``detections.csv`` (one row per cell),
     ``overlays/<image path below predict_root>.png`` (boxes coloured by class, numbered, with a side
-    panel listing each cell's class, score and attributes; see `overlay_names`) and ``skipped.csv``
-    (each file of the folder that has no results: ``file``, ``reason``, ``message``).
+    panel as tall as the image: a colour legend and the cells that fit; see `overlay_names`),
+    ``skipped.csv`` (each file of the folder that has no results: ``file``, ``reason``,
+    ``message``), and ``report.html``, ``counts.csv``, ``summary.csv`` (`write_report`).
 
     `LldModule.detect` already gives one class per cell (class-agnostic NMS at the model's
     ``nms_iou``); ``cell_iou`` is the output's own, stricter guarantee.
@@ -119,6 +122,7 @@ class PredictionWriter(BasePredictionWriter):
         }
         rows = []
         overlays: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        results: list[ImageResult] = []
         for image_id, pred in enumerate(images):
             # The same cells as the Python API: score, one class per cell, no box left in padding.
             keep = select_cells(pred["boxes"], pred["scores"], self.min_score, self.cell_iou)
@@ -171,6 +175,19 @@ class PredictionWriter(BasePredictionWriter):
                         **{f"{n}_prob": probs[n] for n in attribute_names},
                     }
                 )
+            # Candidates below the threshold, one per cell as above: counted, not written.
+            candidates = select_cells(pred["boxes"], pred["scores"], 0.0, self.cell_iou)
+            below = int((pred["scores"][candidates] < self.min_score).sum())
+            results.append(
+                ImageResult(
+                    path=str(pred["path"]),
+                    domain=str(pred["domain"]),
+                    cells=cells_from_detections(
+                        pred, class_names, value_names, self.min_score, self.cell_iou
+                    ),
+                    below_threshold=below,
+                )
+            )
             if self.overlays:
                 overlays.append((pred, cells))
         (folder / "detections.json").write_text(json.dumps(coco, indent=1))
@@ -193,14 +210,23 @@ class PredictionWriter(BasePredictionWriter):
         # Overlays last: the results above are written even if an image cannot be drawn.
         root = getattr(trainer.datamodule, "predict_root", None)
         names = overlay_names([pred["path"] for pred, _ in overlays], root)
+        drawn = {}
         for pred, cells in overlays:
             out = folder / "overlays" / names[str(pred["path"])]
             try:
                 pixels = pred["width"] * pred["height"]
-                draw_overlay(pred["path"], cells, class_names, value_names, out, pixels)
+                drawn[str(pred["path"])] = draw_overlay(
+                    pred["path"], cells, class_names, value_names, out, pixels
+                )
             except (DataError, OSError) as error:
                 skipped[str(pred["path"])] = (OVERLAY_NOT_DRAWN, str(error))
         write_skipped(skipped, folder / SKIPPED_FILE)
+        for result in results:
+            result.overlay = drawn.get(result.path)
+        largest = max((p["width"] * p["height"] for p in images), default=0)
+        write_report(
+            results, class_names, folder, self.min_score, max(largest, DEFAULT_MAX_IMAGE_PIXELS)
+        )
         if trainer.is_global_zero:
             note = f"; skipped {len(skipped)} files, listed in {SKIPPED_FILE}" if skipped else ""
             print(f"lld predict: {len(rows)} cells in {len(images)} images -> {folder}{note}")
@@ -248,6 +274,85 @@ def overlay_names(paths: Sequence[str | Path], root: str | Path | None) -> dict[
     }
 
 
+def overlay_sizes(width: int, height: int) -> tuple[int, int]:
+    """Line width and font size for an image: they grow with its longer side, so that a
+    4000x3000 photo stays as readable as a 640x480 one."""
+    side = max(width, height)
+    return max(2, round(side / 300)), max(12, round(side / 60))
+
+
+def render_overlay(
+    image: Image.Image, cells: dict[str, Any], class_names: list[str], title: str = ""
+) -> Image.Image:
+    """The image with numbered boxes coloured by class and a side panel exactly as tall as it.
+
+    The panel holds the title, a colour legend of the classes present (with their counts) and one
+    line per cell (number, class, score) for as many cells as fit, then ``+k more``; the report
+    lists every cell with its attributes.
+
+    Args:
+        image: RGB.
+        cells: ``boxes`` ``[N, 4]`` in the image's pixels, ``scores``, ``labels``, best first.
+        class_names: one per class.
+        title: the panel's first line (e.g. the file name).
+    """
+    width, height = image.size
+    line_width, font_size = overlay_sizes(width, height)
+    font = ImageFont.load_default(size=font_size)
+    step = round(font_size * 1.3)
+    num_cells = len(cells["scores"])
+    labels = [int(v) for v in cells["labels"]]
+    present = Counter(labels)
+    lines: list[tuple[str, tuple[int, int, int] | None]] = [
+        (f"{title}: {num_cells} cells" if title else f"{num_cells} cells", None)
+    ]
+    lines += [
+        (f"{class_names[label]} ({present[label]})", PALETTE[label % len(PALETTE)])
+        for label in sorted(present)
+    ]
+    legend_lines = len(lines)
+    lines += [
+        (
+            f"#{j + 1} {class_names[labels[j]]}  {float(cells['scores'][j]):.2f}",
+            PALETTE[labels[j] % len(PALETTE)],
+        )
+        for j in range(num_cells)
+    ]
+    fits = max(1, (height - step // 2) // step)
+    if len(lines) > fits:
+        # The panel never grows past the image: what does not fit is counted (the report has all).
+        hidden = len(lines) - (fits - 1)
+        what = "cells" if fits - 1 >= legend_lines else "lines"
+        lines = lines[: fits - 1] + [(f"+{hidden} more {what} (see report.html)", None)]
+    swatch = font_size
+    text_width = max(font.getlength(text) for text, _ in lines)
+    panel = int(min(text_width, font.getlength("n" * PANEL_MAX_CHARS))) + swatch + 20
+    canvas = Image.new("RGB", (width + panel, height), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j in range(num_cells):
+        colour = PALETTE[labels[j] % len(PALETTE)]
+        x1, y1, x2, y2 = (float(v) for v in cells["boxes"][j])
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
+        draw.text(
+            (x1 + line_width + 1, y1 + line_width),
+            str(j + 1),
+            fill=colour,
+            font=font,
+            stroke_width=max(1, line_width // 2 + 1),
+            stroke_fill="white",
+        )
+    y = step // 4
+    for text, colour in lines:
+        x = width + 8
+        if colour is not None:
+            draw.rectangle((x, y + 2, x + swatch - 2, y + swatch), fill=colour)
+            x += swatch + 4
+        draw.text((x, y), text, fill="black" if colour is None else colour, font=font)
+        y += step
+    return canvas
+
+
 def draw_overlay(
     path: str | Path,
     cells: dict[str, Any],
@@ -256,13 +361,13 @@ def draw_overlay(
     out: Path,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Path:
-    """Draw numbered boxes coloured by class and a side panel with each cell's attributes.
+    """Draw `render_overlay` of an image to a PNG.
 
     Args:
         path: the image, read as the model read it (`read_image`: 16-bit scaled, alpha on white).
         cells: ``boxes`` ``[N, 4]`` in the image's pixels, ``scores``, ``labels``, ``attributes``.
         class_names: one per class.
-        value_names: per attribute, its value names.
+        value_names: per attribute, its value names (the attributes are in the report).
         out: the PNG to write (its folder is created).
         max_image_pixels: decode limit (the image's own size, which prediction already accepted).
 
@@ -271,46 +376,5 @@ def draw_overlay(
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(read_image(path, max_image_pixels).permute(1, 2, 0).numpy())
-    width, height = image.size
-    num_cells = len(cells["scores"])
-    line_height = 16
-    panel_lines = 1 + num_cells * (2 + (len(value_names) + 1) // 2)
-    canvas = Image.new(
-        "RGB", (width + PANEL_WIDTH, max(height, 12 + panel_lines * line_height)), "white"
-    )
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=13)
-    y = 6
-    draw.text((width + 8, y), f"{Path(path).name}: {num_cells} cells", fill="black", font=font)
-    y += line_height
-    for j in range(num_cells):
-        label = int(cells["labels"][j])
-        colour = PALETTE[label % len(PALETTE)]
-        x1, y1, x2, y2 = (float(v) for v in cells["boxes"][j])
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=3)
-        draw.text(
-            (x1 + 3, y1 + 2),
-            str(j + 1),
-            fill=colour,
-            font=font,
-            stroke_width=2,
-            stroke_fill="white",
-        )
-        draw.text(
-            (width + 8, y),
-            f"#{j + 1} {class_names[label]}  {float(cells['scores'][j]):.2f}",
-            fill=colour,
-            font=font,
-        )
-        y += line_height
-        parts = [
-            f"{name.replace('_', ' ')}: {value_names[name][int(cells['attributes'][j, a])]}"
-            for a, name in enumerate(value_names)
-        ]
-        for k in range(0, len(parts), 2):
-            draw.text((width + 20, y), "   ".join(parts[k : k + 2]), fill="black", font=font)
-            y += line_height
-        y += line_height // 2
-    canvas.save(out)
+    render_overlay(image, cells, class_names, Path(path).name).save(out)
     return out

@@ -82,8 +82,12 @@ class ModeRecipe:
 
 #: The teacher recipe and the LLD reference code's self-training (the sparse study's baseline).
 MODES: dict[str, ModeRecipe] = {
-    "teacher": ModeRecipe(0.6, 0.5, 0.5, strict=False, outside_regions_only=True, expert_normaliser=True),
-    "self": ModeRecipe(0.95, 0.1, 0.0, strict=True, outside_regions_only=False, expert_normaliser=False),
+    "teacher": ModeRecipe(
+        0.6, 0.5, 0.5, strict=False, outside_regions_only=True, expert_normaliser=True
+    ),
+    "self": ModeRecipe(
+        0.95, 0.1, 0.0, strict=True, outside_regions_only=False, expert_normaliser=False
+    ),
 }
 
 
@@ -542,10 +546,13 @@ class PseudoLabeller(Callback):
         keep = cap_per_image(found.image, self.max_per_image, batch["labels"].shape[0])
         found, clipped = found[keep], clipped[keep]
         attributes = confident_attributes(
-            found.attributes, found.attribute_scores,
-            math.inf if self.attribute_threshold is None else self.attribute_threshold
+            found.attributes,
+            found.attribute_scores,
+            math.inf if self.attribute_threshold is None else self.attribute_threshold,
         )
-        append_pseudo_labels(batch, found, clipped, attributes, self.weight, self.recipe.expert_normaliser)
+        append_pseudo_labels(
+            batch, found, clipped, attributes, self.weight, self.recipe.expert_normaliser
+        )
         stats = {"num_pseudo": torch.tensor(len(found))}
         if "hidden_boxes" in batch:
             stats.update(quality_against_hidden(batch, found, prefix))

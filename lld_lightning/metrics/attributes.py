@@ -125,6 +125,21 @@ class AttributeMetrics(Metric):
         counts = torch.bincount(flat[valid], minlength=self.confusion.numel())
         self.confusion += counts.view_as(self.confusion)
 
+    def confusion_matrices(self) -> dict[str, Tensor]:
+        """Each attribute's confusion matrix, synced over ranks like ``compute()``.
+
+        Returns:
+            ``{name: int64 [K, K]}`` with rows = true value and columns = predicted value, ``K``
+            that attribute's number of values.
+        """
+        # Every rank must call this in the same order: the sync is a collective call.
+        with self.sync_context(should_unsync=True):
+            confusion = self.confusion.detach().cpu().clone()
+        return {
+            name: confusion[i, :k, :k]
+            for i, (name, k) in enumerate(zip(self.attribute_names, self.num_values.tolist(), strict=True))
+        }
+
     def compute(self) -> dict[str, Tensor]:
         """The metrics described in the class docstring, as float scalar tensors."""
         confusion = self.confusion.double()

@@ -4,19 +4,41 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lld_lightning.metrics.attributes import AttributeMetrics
+from lld_lightning.metrics.attributes import UNDEFINED_METRIC, AttributeMetrics
 from lld_lightning.metrics.detection import UnevenMeanAveragePrecision
 
 #: Result-key prefix of the metrics over every image.
 ALL_DOMAINS: str = "all"
 
 CocoBackend = Literal["pycocotools", "faster_coco_eval"]
+
+#: Index of IoU 0.5 in COCO's IoU thresholds (0.5:0.05:0.95), for the PR curves.
+IOU_50_INDEX: int = 0
+
+
+@dataclass
+class EvaluationDetails:
+    """What `DomainMetrics` measured beyond its flat scalars, per scope (``"all"``, domains).
+
+    Attributes:
+        recall_thresholds: COCO's 101 recall points in ``[0, 1]``, the x axis of every curve.
+        pr_curves: ``{scope: {class name: precision at each recall point}}`` at IoU 0.5 (all
+            box areas, 100 detections per image); only classes with a ground-truth cell in
+            the scope; COCO's interpolated precision, 0 beyond the last recall reached.
+        confusion: ``{scope: {attribute: [[count]]}}``, rows = true value, columns = predicted
+            value, over the matched cells (see `AttributeMetrics`).
+    """
+
+    recall_thresholds: list[float] = field(default_factory=list)
+    pr_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    confusion: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
 
 
 class ImageCounts(Metric):
@@ -62,11 +84,14 @@ class DomainMetrics(nn.Module):
 
     - ``<dom>/num_images``;
     - ``<dom>/map``, ``<dom>/map_50``, ``<dom>/map_75``;
-    - ``<dom>/ap/<class name>`` per class (``class_metrics=True``), -1 for a class absent from
-      both predictions and targets, as torchmetrics reports it;
+    - ``<dom>/ap/<class name>`` per class (``class_metrics=True``); a class with no
+      ground-truth cell in the scope has no AP and is left out (torchmetrics' -1 would drag
+      down any average taken over the logged values);
     - ``<dom>/attr/mean_f1``, ``<dom>/attr/mean_accuracy``, ``<dom>/attr/matched_fraction``,
-      ``<dom>/attr/<name>/f1``, ``<dom>/attr/<name>/accuracy`` (see `AttributeMetrics`; -1
-      where undefined).
+      ``<dom>/attr/<name>/f1``, ``<dom>/attr/<name>/accuracy`` (see `AttributeMetrics`); an
+      undefined one (`UNDEFINED_METRIC` there) is left out.
+
+    The keys depend on synced states only, so every rank computes the same key set.
 
     Args:
         domains: the domain names images may carry.
@@ -107,7 +132,10 @@ class DomainMetrics(nn.Module):
         self.detection = nn.ModuleDict(
             {
                 key: UnevenMeanAveragePrecision(
-                    box_format="xyxy", iou_type="bbox", backend=backend, class_metrics=class_metrics
+                    box_format="xyxy",
+                    iou_type="bbox",
+                    backend=backend,
+                    class_metrics=class_metrics,
                 )
                 for key in self._keys.values()
             }
@@ -170,6 +198,15 @@ class DomainMetrics(nn.Module):
 
     def compute(self) -> dict[str, float]:
         """Flat ``{key: float}`` results (see the class docstring); synced under DDP."""
+        return self._compute(with_details=False)[0]
+
+    def compute_with_details(self) -> tuple[dict[str, float], EvaluationDetails]:
+        """`compute`'s flat results and the `EvaluationDetails`; synced under DDP, so every
+        rank must call it (one more collective call per scope than `compute`)."""
+        return self._compute(with_details=True)
+
+    def _compute(self, with_details: bool) -> tuple[dict[str, float], EvaluationDetails]:
+        details = EvaluationDetails()
         with warnings.catch_warnings():
             # A rank that saw none of a domain's images (or none at all) still joins every sync.
             warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
@@ -180,11 +217,32 @@ class DomainMetrics(nn.Module):
                     continue
                 key = self._keys[scope]
                 results[f"{scope}/num_images"] = float(count)
-                results.update(self._detection_results(scope, self.detection[key].compute()))
+                # COCO's precision array is asked for only when wanted: it is [10, 101, K, 4, 3].
+                detection = self.detection[key]
+                if detection.extended_summary != with_details:
+                    detection.extended_summary = with_details
+                    detection._computed = None  # torchmetrics' cached result lacks or has it
+                det = detection.compute()
+                results.update(self._detection_results(scope, det))
+                if with_details:
+                    details.recall_thresholds = [i / 100 for i in range(101)]
+                    details.pr_curves[scope] = self._pr_curves(det)
                 if self.attributes is not None:
                     attr = self.attributes[key].compute()
-                    results.update({f"{scope}/attr/{k}": float(v) for k, v in attr.items()})
-        return results
+                    results.update(
+                        {
+                            f"{scope}/attr/{k}": float(v)
+                            for k, v in attr.items()
+                            if float(v) != UNDEFINED_METRIC
+                        }
+                    )
+                    if with_details:
+                        matrices = self.attributes[key].confusion_matrices()
+                        details.confusion[scope] = {k: v.tolist() for k, v in matrices.items()}
+        return results, details
+
+    def _class_name(self, class_id: int) -> str | None:
+        return self.class_names[class_id] if 0 <= class_id < self.num_classes else None
 
     def _detection_results(self, scope: str, det: dict[str, Tensor]) -> dict[str, float]:
         results = {
@@ -193,15 +251,35 @@ class DomainMetrics(nn.Module):
             f"{scope}/map_75": float(det["map_75"]),
         }
         if self.class_metrics:
-            per_class = {name: -1.0 for name in self.class_names}
             classes = det["classes"].reshape(-1).tolist()
             aps = det["map_per_class"].reshape(-1).tolist()
             # With no class at all torchmetrics gives one -1 and no class id: nothing to name.
-            for class_id, ap in zip(classes, aps, strict=False):
-                if 0 <= class_id < self.num_classes:
-                    per_class[self.class_names[class_id]] = float(ap)
-            results.update({f"{scope}/ap/{name}": ap for name, ap in per_class.items()})
+            # A negative AP is COCO's "no ground truth of this class": no AP, not a bad one.
+            per_class = {
+                self._class_name(c): float(ap)
+                for c, ap in zip(classes, aps, strict=False)
+                if self._class_name(c) is not None and ap >= 0
+            }
+            results.update({f"{scope}/ap/{name}": per_class[name] for name in self.class_names
+                            if name in per_class})
         return results
+
+    def _pr_curves(self, det: dict[str, Tensor]) -> dict[str, list[float]]:
+        """Precision over recall at IoU 0.5, all areas, the largest detection budget, per class
+        with ground truth, from COCO's ``precision`` ``[T, R, K, A, M]``."""
+        precision = det.get("precision")
+        if precision is None or precision.ndim != 5:
+            return {}
+        curves = precision[IOU_50_INDEX, :, :, 0, -1]  # [R, K]
+        classes = det["classes"].reshape(-1).tolist()
+        found: dict[str, list[float]] = {}
+        for k, class_id in enumerate(classes[: curves.shape[1]]):
+            name = self._class_name(class_id)
+            curve = curves[:, k]
+            if name is None or bool((curve < 0).all()):  # no ground truth of this class
+                continue
+            found[name] = curve.clamp(min=0).tolist()
+        return {name: found[name] for name in self.class_names if name in found}
 
     def reset(self) -> None:
         """Forget every image seen."""

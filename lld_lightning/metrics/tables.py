@@ -88,3 +88,34 @@ def attribute_report_table(
     table.add_section()
     table.add_row("mean", *(cell(s, "", "mean_accuracy", "mean_f1") for s in scopes))
     return table
+
+
+def class_ap_table(
+    results: dict[str, float],
+    class_names: list[str],
+    domains: list[str] | None = None,
+    title: str = "AP per class (IoU .5:.95)",
+) -> Table:
+    """Per-class AP, one row per class, one column per domain then ``all``.
+
+    Args:
+        results: `DomainMetrics.compute` output (``<scope>/ap/<class>`` keys).
+        class_names: rows in order; a class with no AP anywhere (no ground-truth cell) is left
+            out.
+        domains: columns in order; by default the domains found in ``results``.
+        title: table title.
+
+    Returns:
+        Cells hold the AP; ``-`` where the class has no ground-truth cell in that scope.
+    """
+    scopes = _scopes(results, domains)
+    table = Table(title=title)
+    table.add_column("class")
+    for scope in scopes:
+        table.add_column(scope, justify="right")
+    for name in class_names:
+        cells = [results.get(f"{scope}/ap/{name}") for scope in scopes]
+        if all(cell is None for cell in cells):
+            continue
+        table.add_row(name, *(_fmt(cell) for cell in cells))
+    return table
