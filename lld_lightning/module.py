@@ -16,7 +16,6 @@ from rich.console import Console
 
 from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
 from lld_lightning.data.sample import Batch, unbatch_targets
-from lld_lightning.data.transforms import invert_boxes
 from lld_lightning.losses import SparseDetectionLoss
 from lld_lightning.metrics import (
     DomainMetrics,
@@ -28,6 +27,7 @@ from lld_lightning.metrics import (
 )
 from lld_lightning.models import Detector, PostProcess
 from lld_lightning.models.postprocess import Detections
+from lld_lightning.predictor import to_original_pixels
 
 #: Builds the detector for a label space: ``(num_classes, attribute_spec) -> Detector``. A class
 #: (`Detector`) or, from a config, ``class_path``/``init_args`` that jsonargparse binds.
@@ -279,10 +279,8 @@ class LldModule(L.LightningModule):
         preds = self.detect(batch["image"])
         results = []
         for i, pred in enumerate(preds):
-            boxes = invert_boxes(pred["boxes"][None], batch["transform"][i : i + 1])[0]  # [N, 4]
             h, w = (int(v) for v in batch["image_size"][i])
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            boxes = to_original_pixels(pred["boxes"], batch["transform"][i], h, w)  # [N, 4]
             results.append({**{k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                                for k, v in pred.items()},
                             "boxes": boxes.detach().float().cpu(), "path": batch["path"][i],

@@ -9,9 +9,9 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.metrics.domains import ALL_DOMAINS, EvaluationDetails
 from lld_lightning.metrics.plots import confusion_matrix_plot, domain_bars_plot, pr_curves_plot
+from lld_lightning.predictor import attribute_value_names
 
 #: The structured test results, next to the flat ``test_results.json``.
 RESULTS_JSON = "results.json"
@@ -30,17 +30,6 @@ _SCALARS = {
     "attr/mean_f1": "attribute_mean_f1",
     "attr/matched_fraction": "matched_fraction",
 }
-
-
-def value_names(attribute_spec: dict[str, int]) -> dict[str, list[str]]:
-    """Each attribute's value names: LLD's where the attribute is LLD's, else ``"0"``, ``"1"``..."""
-    names = {}
-    for name, count in attribute_spec.items():
-        known = LLD_ATTRIBUTE_VALUES.get(name)
-        names[name] = (
-            list(known) if known and len(known) == count else [str(i) for i in range(count)]
-        )
-    return names
 
 
 def _scope_results(
@@ -106,7 +95,7 @@ def results_document(
         "checkpoint": checkpoint,
         "date": (date or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
         "classes": list(class_names),
-        "attributes": value_names(attribute_spec),
+        "attributes": attribute_value_names(attribute_spec),
     }
 
     def scope(name: str) -> dict:
