@@ -49,6 +49,8 @@ from lld_lightning.tools.machine import cpu_bf16_units
 
 #: The commands that evaluate a trained model: they refuse to run without ``--ckpt_path``.
 EVALUATING = ("validate", "test", "predict")
+#: The flag that overrides the working resolution a checkpoint was trained at.
+WORKING_FLAG = "--data.pixel_size.working"
 
 
 class LldCLI(LightningCLI):
@@ -102,6 +104,14 @@ class LldCLI(LightningCLI):
                 default=False,
                 help="Run without --ckpt_path, on the model's random initial weights (smoke tests).",
             )
+        if subcommand == "predict":
+            parser.add_argument(
+                "--pixel_size_um",
+                type=str | None,
+                default=None,
+                help="Micrometres per pixel of the images (a new microscope), or 'auto' to "
+                "estimate it from them; needs a model trained with data.pixel_size.working.",
+            )
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
             # torch < 2.6 loads unsafely by default; a checkpoint of lld needs no Python objects.
             parser.set_defaults({"weights_only": True})
@@ -110,6 +120,8 @@ class LldCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # Kept for `_parse_ckpt_path`: which model arguments the user typed.
         self._explicit_model_keys = explicit_model_keys(args if args is not None else sys.argv[1:])
+        typed = [str(a) for a in (args if isinstance(args, (list, tuple)) else sys.argv[1:])]
+        self._typed_working = any(a.startswith(WORKING_FLAG) for a in typed)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -136,6 +148,31 @@ class LldCLI(LightningCLI):
         model = self.config[subcommand].get("model") if subcommand else None
         for path, value in typed.items():
             _set_path(model, path.split("."), value)
+        self._restore_working_resolution()
+
+    def _restore_working_resolution(self) -> None:
+        """Evaluate a checkpoint at the working resolution it was trained at.
+
+        The data settings come from ``--config``, not the checkpoint; a config without (or with
+        another) ``data.pixel_size.working`` would show the model cells of the wrong size. The
+        checkpoint's value wins unless the command line names ``--data.pixel_size.working``.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand not in EVALUATING or getattr(self, "_typed_working", False):
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        saved = (checkpoint.get("datamodule_hyper_parameters") or {}).get("pixel_size") or {}
+        data = self.config[subcommand].get("data")
+        found, current = _get_path(data, ["pixel_size", "working"])
+        if "working" in saved and found and current != saved["working"]:
+            rank_zero_info(
+                f"lld {subcommand}: data.pixel_size.working {saved['working']} um, as the "
+                f"checkpoint was trained (the config says {current})"
+            )
+            _set_path(data, ["pixel_size", "working"], saved["working"])
 
     def _check_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last|best`` to the latest run's checkpoint, and end with one line
@@ -249,6 +286,70 @@ class LldCLI(LightningCLI):
         except BaseException:
             self._discard_claimed_run()
             raise
+
+    def before_predict(self) -> None:
+        """Apply ``--pixel_size_um``: a number, or ``auto`` estimated with the checkpoint's model."""
+        value = self.config["predict"].get("pixel_size_um")
+        if value is None:
+            return
+        working = self.datamodule.pixel_size.working
+        if working is None:
+            _refuse("predict", f"--pixel_size_um {value}: this model has no working resolution "
+                    "(data.pixel_size.working is null, it letterboxes every image)")
+        if value != "auto":
+            try:
+                pixel_size = float(value)
+            except ValueError:
+                pixel_size = float("nan")
+            if not pixel_size > 0:
+                _refuse("predict", f"--pixel_size_um {value!r}: give a positive number or 'auto'")
+            self.datamodule.predict_pixel_size_um = pixel_size
+            return
+        self.datamodule.predict_pixel_size_um = self._estimate_pixel_size()
+
+    def _estimate_pixel_size(self) -> float:
+        """Estimate the predict folder's pixel size with the checkpoint's weights (printed)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from lld_lightning.data.dataset import LldDataset
+        from lld_lightning.data.scale import estimate_pixel_size
+        from lld_lightning.predictor import load_checkpoint
+
+        ckpt_path = self.config["predict"].get("ckpt_path")
+        if ckpt_path is None:
+            _refuse("predict", "--pixel_size_um auto needs --ckpt_path (a trained model)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        module = load_checkpoint(ckpt_path, device).module
+        dm = self.datamodule
+        dataset: LldDataset = dm._predict_dataset()
+        images = []
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            if "image" in sample:
+                images.append(sample["image"])
+
+        def detect(batch):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            view = dm.eval_transform(batch)
+            return view, module.detect(view["image"])
+
+        try:
+            estimate = estimate_pixel_size(detect, images, dm.eval_transform)
+        except ValueError as error:
+            _refuse("predict", f"--pixel_size_um auto: {error}")
+        table = Table(title="pixel size search (relative confidence of the cells found)")
+        table.add_column("um per pixel", justify="right")
+        table.add_column("confidence", justify="right")
+        for size, value in estimate.curve.items():
+            table.add_row(f"{size:.4f}", f"{value:.3f}")
+        console = Console(stderr=True)
+        console.print(table)
+        console.print(
+            f"lld predict: estimated pixel size {estimate.pixel_size_um:.4f} um from "
+            f"{estimate.num_images} image(s); the model works at {dm.pixel_size.working} um"
+        )
+        return estimate.pixel_size_um
 
     def after_test(self) -> None:
         """Write the test results into the run folder of the tested checkpoint."""
@@ -371,6 +472,10 @@ def main(args: list[str] | None = None) -> LldCLI:
         from lld_lightning.tools.export import main as export_main
 
         raise SystemExit(export_main(argv[1:]))
+    if argv[:1] == ["adapt"]:
+        from lld_lightning.tools.adapt import main as adapt_main
+
+        raise SystemExit(adapt_main(argv[1:]))
     try:
         return LldCLI(
             LldModule,

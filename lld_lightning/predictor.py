@@ -18,6 +18,7 @@ mapped back to the original pixels (`invert_boxes`) and kept as ``lld predict`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from torch import Tensor
 from lld_lightning.boxes import nms
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, _to_rgb_array, read_image
-from lld_lightning.data.sample import collate
+from lld_lightning.data.sample import Batch, collate
+from lld_lightning.data.scale import PixelSizeEstimate, estimate_pixel_size
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.models.postprocess import Detections
 
@@ -157,12 +159,15 @@ class LoadedCheckpoint:
         image_size: the evaluation letterbox side (the data's ``image_size``).
         fill: grey level of the letterbox outside the image (the data's ``augmentation.fill``).
         value_names: `attribute_value_names` from the data's attribute columns.
+        working_pixel_size: micrometres per pixel the model works at (the data's
+            ``pixel_size.working``), None = it letterboxes.
     """
 
     module: Any
     image_size: int
     fill: float
     value_names: dict[str, list[str]]
+    working_pixel_size: float | None = None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -189,6 +194,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         image_size=int(data.get("image_size") or DEFAULT_IMAGE_SIZE),
         fill=float(augmentation.get("fill", Augmentation().fill)),
         value_names=attribute_value_names(module.attribute_spec, reading.get("attribute_columns")),
+        working_pixel_size=(data.get("pixel_size") or {}).get("working"),
     )
 
 
@@ -224,6 +230,37 @@ def load_image(image: ImageLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     )
 
 
+#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, ``"auto"`` (estimate) or None.
+PixelSizeArg = float | str | None
+
+_NO_WORKING_RESOLUTION = (
+    "this model has no working resolution (its data.pixel_size.working is null: it letterboxes "
+    "every image), so a pixel size changes nothing; train with data.pixel_size.working set"
+)
+
+
+def collate_images(
+    images: Sequence[Tensor], num_attributes: int, pixel_size_um: float | None = None
+) -> Batch:
+    """A `Batch` of unlabelled uint8 ``[3, H, W]`` images, all of pixel size ``pixel_size_um``."""
+    return collate(
+        [
+            {
+                "image": image,
+                "boxes": torch.zeros((0, 4)),
+                "labels": torch.zeros((0,), dtype=torch.int64),
+                "attributes": torch.zeros((0, num_attributes), dtype=torch.int64),
+                "regions": torch.zeros((0, 4)),
+                "domain": "",
+                "image_id": i,
+                "path": "",
+                "pixel_size_um": math.nan if pixel_size_um is None else float(pixel_size_um),
+            }
+            for i, image in enumerate(images)
+        ]
+    )
+
+
 class Predictor:
     """Cells with named classes and attributes from images, in the original images' pixels.
 
@@ -241,6 +278,11 @@ class Predictor:
         fill: grey level of the letterbox outside the image.
         device: where letterbox and ``detect`` run.
         batch_size: images per ``detect`` call.
+        working_pixel_size: micrometres per pixel the model works at; images whose pixel size
+            is given (or estimated: ``pixel_size_um="auto"``) are resampled to it instead of
+            letterboxed. None = the model letterboxes.
+        fixed_input: ``detect`` takes only ``S x S`` inputs (an exported model): an image
+            resampled beyond ``S`` is refused instead of given a larger canvas.
     """
 
     def __init__(
@@ -254,6 +296,8 @@ class Predictor:
         fill: float = 0.5,
         device: str | torch.device = "cpu",
         batch_size: int = 8,
+        working_pixel_size: float | None = None,
+        fixed_input: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -265,8 +309,10 @@ class Predictor:
         self.cell_iou = cell_iou
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.working_pixel_size = working_pixel_size
+        self.fixed_input = fixed_input
         self.letterbox = DeviceAugmentation(
-            self.image_size, train=False, augmentation=Augmentation(fill=fill)
+            self.image_size, False, Augmentation(fill=fill), working_pixel_size=working_pixel_size
         )
 
     @classmethod
@@ -306,6 +352,7 @@ class Predictor:
             fill=loaded.fill,
             device=device,
             batch_size=batch_size,
+            working_pixel_size=loaded.working_pixel_size,
         )
 
     @classmethod
@@ -332,10 +379,20 @@ class Predictor:
             fill=model.fill,
             device=model.device,
             batch_size=batch_size,
+            working_pixel_size=model.metadata.get("working_pixel_size_um"),
+            fixed_input=True,
         )
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> list[list[Cell]]:
+    def __call__(
+        self, images: ImageLike | Sequence[ImageLike], pixel_size_um: PixelSizeArg = None
+    ) -> list[list[Cell]]:
         """The cells of each image (one image or a list of them), best score first.
+
+        Args:
+            images: one image or a list of them.
+            pixel_size_um: micrometres per pixel of these images (one microscope), ``"auto"`` to
+                estimate it from them (`estimate_pixel_size`), None = unknown (letterboxed).
+                Only for a model with a working resolution.
 
         Returns:
             One list of `Cell` per image, in input order (a list of one for a single image).
@@ -344,40 +401,65 @@ class Predictor:
             cells_from_detections(
                 d, self.class_names, self.value_names, self.min_score, self.cell_iou
             )
-            for d in self.detections(images)
+            for d in self.detections(images, pixel_size_um)
         ]
 
-    def detections(self, images: ImageLike | Sequence[ImageLike]) -> list[Detections]:
+    def detections(
+        self, images: ImageLike | Sequence[ImageLike], pixel_size_um: PixelSizeArg = None
+    ) -> list[Detections]:
         """Every detection of each image before `select_cells`, boxes in original pixels (what
         `LldModule.predict_step` gives ``lld predict``'s writer): ``boxes [N, 4]``, ``scores``,
-        ``labels``, ``attributes [N, A]``, ``attribute_scores [N, A]``, on the CPU."""
+        ``labels``, ``attributes [N, A]``, ``attribute_scores [N, A]``, on the CPU.
+        ``pixel_size_um`` as in `__call__`."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
+        loaded = [load_image(x) for x in items]
+        pixel_size = self._pixel_size(loaded, pixel_size_um)
         results: list[Detections] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            results.extend(self._detect_batch([load_image(x) for x in chunk]))
+        for start in range(0, len(loaded), self.batch_size):
+            results.extend(self._detect_batch(loaded[start : start + self.batch_size], pixel_size))
         return results
 
-    def _detect_batch(self, images: list[Tensor]) -> list[Detections]:
-        num_attributes = len(self.value_names)
-        batch = collate(
-            [
-                {
-                    "image": image,
-                    "boxes": torch.zeros((0, 4)),
-                    "labels": torch.zeros((0,), dtype=torch.int64),
-                    "attributes": torch.zeros((0, num_attributes), dtype=torch.int64),
-                    "regions": torch.zeros((0, 4)),
-                    "domain": "",
-                    "image_id": i,
-                    "path": "",
-                }
-                for i, image in enumerate(images)
-            ]
+    def estimate_pixel_size(self, images: ImageLike | Sequence[ImageLike]) -> PixelSizeEstimate:
+        """Estimate the micrometres per pixel of images from one microscope (`estimate_pixel_size`)."""
+        if self.working_pixel_size is None:
+            raise ValueError(_NO_WORKING_RESOLUTION)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        return estimate_pixel_size(
+            lambda batch: self._detect_prepared(batch),
+            [load_image(x) for x in items],
+            self.letterbox,
+            self.min_score,
         )
+
+    def _pixel_size(self, images: list[Tensor], pixel_size_um: PixelSizeArg) -> float | None:
+        if pixel_size_um is None:
+            return None
+        if self.working_pixel_size is None:
+            raise ValueError(_NO_WORKING_RESOLUTION)
+        if pixel_size_um == "auto":
+            return estimate_pixel_size(
+                self._detect_prepared, images, self.letterbox, self.min_score
+            ).pixel_size_um
+        value = float(pixel_size_um)
+        if not value > 0:
+            raise ValueError(f"pixel_size_um must be a positive number or 'auto', got {pixel_size_um!r}")
+        return value
+
+    def _detect_prepared(self, batch: Batch) -> tuple[Batch, list[Detections]]:
+        """Letterbox (or resample) a collated batch on the device and detect: (view, detections)."""
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        letterboxed = self.letterbox(batch)
-        preds = self.detect(letterboxed["image"])
+        view = self.letterbox(batch)
+        if self.fixed_input and view["image"].shape[-1] != self.image_size:
+            raise ValueError(
+                f"an image resampled to {self.working_pixel_size} um per pixel needs a "
+                f"{view['image'].shape[-1]}-pixel input; this exported model takes "
+                f"{self.image_size}: export it again with a larger --image_size, or crop the image"
+            )
+        return view, self.detect(view["image"])
+
+    def _detect_batch(self, images: list[Tensor], pixel_size: float | None) -> list[Detections]:
+        batch = collate_images(images, len(self.value_names), pixel_size)
+        letterboxed, preds = self._detect_prepared(batch)
         results = []
         for i, pred in enumerate(preds):
             height, width = (int(v) for v in batch["image_size"][i])

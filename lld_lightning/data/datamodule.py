@@ -19,8 +19,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 
-from lld_lightning.constants import LLD_ATTRIBUTE_SPEC, LLD_CLASSES
+from lld_lightning.constants import (
+    DEFAULT_DOMAIN,
+    LLD_ATTRIBUTE_SPEC,
+    LLD_CLASSES,
+    LLD_PIXEL_SIZE_UM,
+)
 from lld_lightning.data.dataset import UNREADABLE_IMAGE, LldDataset, SkipCountingLoader
+from lld_lightning.data.domains import domain_from_path, lld_objective
 from lld_lightning.data.errors import DataError, DataReport, OnError
 from lld_lightning.data.formats.load import load_records, summarize_records
 from lld_lightning.data.formats.options import FormatOptions
@@ -103,6 +109,7 @@ class ReadOptions:
         domain_column: the manifest column holding the domain.
         attribute_csv: CSV (relative to ``root``) joining attributes to plain YOLO labels.
         attribute_columns: attributes read from ``attribute_csv``, ``{name: [values in index order]}``.
+        pixel_size_column: the manifest column (and COCO image field) holding each image's pixel size in micrometres; optional.
     """
 
     on_error: OnError = "raise"
@@ -114,6 +121,41 @@ class ReadOptions:
     domain_column: str = "source"
     attribute_csv: str | None = None
     attribute_columns: dict[str, list[str]] | None = None
+    pixel_size_column: str = "pixel_size_um"
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """Physical scale: the micrometres per pixel the model works at, and each image's own.
+
+    An image's pixel size is, in order: its manifest column or COCO field (``reading.pixel_size_column``), ``by_domain[domain]``, the LLD objective's nominal size for an LLD domain folder (``H_100x_C1``...), ``default``. With ``working`` set every image is resampled to it (boxes mapped back), so cells have one size in pixels across microscopes; an image whose size stays unknown is letterboxed (``lld predict`` can estimate it: ``--pixel_size_um auto``).
+
+    Args:
+        working: micrometres per pixel the model sees; null letterboxes each image to ``image_size`` (no physical scale).
+        by_domain: pixel size in micrometres per domain name, for domains whose images do not say.
+        default: pixel size of any other image (e.g. a folder given to ``lld predict``), null = unknown.
+    """
+
+    working: float | None = None
+    by_domain: dict[str, float] | None = None
+    default: float | None = None
+
+    def __post_init__(self) -> None:
+        values = {"working": self.working, "default": self.default, **(self.by_domain or {})}
+        for name, value in values.items():
+            if value is not None and not value > 0:
+                raise ValueError(f"pixel_size.{name} must be a positive number of micrometres, got {value}")
+
+    def of(self, record: ImageRecord) -> float | None:
+        """The pixel size of ``record`` (its own, else its domain's, else the default)."""
+        if record.pixel_size_um is not None:
+            return record.pixel_size_um
+        if self.by_domain and record.domain in self.by_domain:
+            return float(self.by_domain[record.domain])
+        objective = lld_objective(record.domain)
+        if objective is not None:
+            return LLD_PIXEL_SIZE_UM[objective]
+        return self.default
 
 
 class LldDataModule(L.LightningDataModule):
@@ -128,7 +170,7 @@ class LldDataModule(L.LightningDataModule):
         format: ``lld`` (sparse YOLO, 16 numbers a row), ``coco`` (COCO JSON with attributes) or ``yolo`` (plain, fully annotated).
         class_names: class names; their count is the model's number of classes (default: the LLD classes).
         attribute_spec: ``{name: number of values}`` (default: the LLD attributes; none for ``yolo``; derived from ``reading.attribute_columns`` when given).
-        image_size: square model input size of evaluation; images are letterboxed on the device.
+        image_size: square model input size of evaluation; images are letterboxed on the device (with ``pixel_size.working``: resampled, and the evaluation canvas grows to hold them).
         batch_size: images per batch.
         num_workers: data-loading worker processes.
         seed: seed of the sparse rectangles, the val hold-out and the synthetic data.
@@ -136,6 +178,7 @@ class LldDataModule(L.LightningDataModule):
         domains: domains to use per stage.
         reading: how label files and images are read and checked.
         augmentation: the training augmentation; its cell filter and fill apply to evaluation too.
+        pixel_size: physical scale: the working micrometres per pixel and each image's own.
         synthetic: the built-in synthetic data (used when ``root`` is null).
         sparse_simulation: keep one seeded rectangle of this area fraction labelled per training image (the paper's protocol, 0.2); null keeps the labels.
         keep_hidden: with ``sparse_simulation``, training batches also carry the full annotation (``hidden_boxes``, ``hidden_labels``) to score pseudo-labels.
@@ -157,6 +200,7 @@ class LldDataModule(L.LightningDataModule):
         domains: Domains = Domains(),  # noqa: B008
         reading: ReadOptions = ReadOptions(),  # noqa: B008
         augmentation: Augmentation = Augmentation(),  # noqa: B008
+        pixel_size: PixelSize = PixelSize(),  # noqa: B008
         synthetic: SyntheticData = SyntheticData(),  # noqa: B008
         sparse_simulation: float | None = None,
         keep_hidden: bool = False,
@@ -178,6 +222,7 @@ class LldDataModule(L.LightningDataModule):
                 "domains": dataclasses.asdict(domains),
                 "reading": dataclasses.asdict(reading),
                 "augmentation": dataclasses.asdict(augmentation),
+                "pixel_size": dataclasses.asdict(pixel_size),
                 "synthetic": dataclasses.asdict(synthetic),
                 "sparse_simulation": sparse_simulation,
                 "keep_hidden": keep_hidden,
@@ -200,6 +245,10 @@ class LldDataModule(L.LightningDataModule):
         self.sparse_simulation, self.keep_hidden = sparse_simulation, keep_hidden
         self.teacher_view = teacher_view
         self.predict_root = predict_root
+        self.pixel_size = pixel_size
+        #: The pixel size of every image ``lld predict`` reads (``--pixel_size_um``), None = as
+        #: `pixel_size` says.
+        self.predict_pixel_size_um: float | None = None
         self.report = DataReport(on_error=reading.on_error)
         # What the loaders skip while a stage runs (undecodable images, files `lld predict` cannot
         # read); printed and reset at the end of the stage (`teardown`).
@@ -209,9 +258,11 @@ class LldDataModule(L.LightningDataModule):
         self.test_sets: dict[str, LldDataset] = {}
         self.predict_set: LldDataset | None = None
         self.train_augmentation = DeviceAugmentation(
-            image_size, train=True, augmentation=augmentation
+            image_size, True, augmentation, working_pixel_size=pixel_size.working
         )
-        self.eval_transform = DeviceAugmentation(image_size, train=False, augmentation=augmentation)
+        self.eval_transform = DeviceAugmentation(
+            image_size, False, augmentation, working_pixel_size=pixel_size.working
+        )
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -264,6 +315,7 @@ class LldDataModule(L.LightningDataModule):
             domain_column=r.domain_column,
             attribute_csv=r.attribute_csv,
             check_images=r.check_images,
+            pixel_size_column=r.pixel_size_column,
         )
         if r.attribute_columns is not None:
             kwargs["attribute_columns"] = r.attribute_columns
@@ -273,7 +325,8 @@ class LldDataModule(L.LightningDataModule):
         """Every annotated image under the data root, validated (errors name the file and line)."""
         if self.root is not None and not self.root.exists():
             raise DataError.at(self.root, "data root does not exist")
-        return load_records(self.data_root, self.format, self.format_options(), self.report)
+        records = load_records(self.data_root, self.format, self.format_options(), self.report)
+        return [dataclasses.replace(r, pixel_size_um=self.pixel_size.of(r)) for r in records]
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
@@ -296,6 +349,7 @@ class LldDataModule(L.LightningDataModule):
                 self.data_root,
                 f"no training images in split {splits.train!r} (domains {domains.train or 'all'})",
             )
+        self._check_pixel_sizes(train, val + test)
         self.train_set = self._train_dataset(train)
         self.val_set = self._dataset(val)
         self.test_sets = {
@@ -304,6 +358,26 @@ class LldDataModule(L.LightningDataModule):
         }
         if self.trainer is None or self.trainer.is_global_zero:
             Console(stderr=True).print(summarize_records(records, self.report))
+
+    def _check_pixel_sizes(self, train: list[ImageRecord], evaluated: list[ImageRecord]) -> None:
+        """At a working resolution, every training image needs a pixel size (a letterboxed one
+        would teach the wrong cell size); evaluated images without one are letterboxed, said once."""
+        if self.pixel_size.working is None:
+            return
+        unknown = sorted({r.domain for r in train if r.pixel_size_um is None})
+        if unknown:
+            raise DataError.at(
+                self.data_root,
+                f"pixel_size.working is {self.pixel_size.working} um but the training images of "
+                f"domain(s) {unknown} have no pixel size: give data.pixel_size.by_domain, a "
+                f"manifest column {self.reading.pixel_size_column!r} or data.pixel_size.default",
+            )
+        unknown = sorted({r.domain for r in evaluated if r.pixel_size_um is None})
+        if unknown:
+            rank_zero_warn(
+                f"images of domain(s) {unknown} have no pixel size: they are letterboxed to "
+                f"{self.image_size} pixels instead of resampled to {self.pixel_size.working} um"
+            )
 
     def _dataset(
         self,
@@ -379,20 +453,22 @@ class LldDataModule(L.LightningDataModule):
             except DataError as error:
                 self.skip_report.skip_file(UNREADABLE_IMAGE, path, str(error))
                 continue
-            records.append(
-                ImageRecord(
-                    path=path,
-                    width=width,
-                    height=height,
-                    image_id=len(records),
-                    split="predict",
-                    attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
-                )
+            record = ImageRecord(
+                path=path,
+                width=width,
+                height=height,
+                image_id=len(records),
+                split="predict",
+                attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
+                domain=domain_from_path(path, folder) or DEFAULT_DOMAIN,
             )
+            record.pixel_size_um = self.predict_pixel_size_um or self.pixel_size.of(record)
+            records.append(record)
         if not records:
             lines = "; ".join(self.skip_report.summary_lines()) or "the folder is empty"
             raise DataError.at(folder, f"no readable images: {lines}")
-        self._warn_shrunk(records)
+        if self.pixel_size.working is None:
+            self._warn_shrunk(records)
         return self._dataset(records, on_error="skip")
 
     def _warn_shrunk(self, records: list[ImageRecord]) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -107,6 +108,7 @@ class LldDataset(Dataset):
             "domain": record.domain,
             "image_id": record.image_id,
             "path": str(record.path),
+            "pixel_size_um": math.nan if record.pixel_size_um is None else record.pixel_size_um,
         }
         if self.hidden_records is not None:
             hidden = self.hidden_records[index]

@@ -22,6 +22,12 @@ def is_lld_domain(name: str) -> bool:
     return _DOMAIN_RE.match(name) is not None
 
 
+def lld_objective(domain: str) -> int | None:
+    """The objective magnification of an LLD domain name (``H_40x_C1`` -> 40), else None."""
+    match = _DOMAIN_RE.match(domain)
+    return int(match.group(1)) if match else None
+
+
 def domain_from_path(path: Path, root: Path) -> str | None:
     """The first LLD domain folder name on ``path``, or None.
 
@@ -140,3 +146,31 @@ def discover_domain(
     if manifest_row is not None and manifest_row.values.get(domain_column):
         return manifest_row.values[domain_column]
     return DEFAULT_DOMAIN
+
+
+def pixel_size_value(value: object, where: str) -> float | None:
+    """A pixel size in micrometres from a manifest cell or a COCO field; empty = unknown.
+
+    Args:
+        value: the cell text or JSON value (``""`` and None mean unknown).
+        where: the file (and line) for the error message.
+
+    Raises:
+        DataError: not a positive finite number.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number > 0 and number != float("inf")):
+        raise DataError(f"{where}: pixel size must be a positive number of micrometres, got {value!r}")
+    return number
+
+
+def manifest_pixel_size(manifest: Manifest | None, row: ManifestRow | None, column: str) -> float | None:
+    """The pixel size the manifest gives an image (its ``column``), None when it gives none."""
+    if manifest is None or row is None or column not in row.values:
+        return None
+    return pixel_size_value(row.values[column], f"{manifest.path}:{row.line}")

@@ -38,6 +38,7 @@ class ImageRecord:
         image_id: integer id, unique within a dataset.
         split: ``train``/``val``/``test`` or another split name, ``""`` when unknown.
         label_path: the label file it came from, if any (for error messages).
+        pixel_size_um: micrometres per pixel (the image's physical scale), None = unknown.
     """
 
     path: Path
@@ -51,6 +52,7 @@ class ImageRecord:
     image_id: int = 0
     split: str = ""
     label_path: Path | None = None
+    pixel_size_um: float | None = None
 
     @property
     def num_cells(self) -> int:

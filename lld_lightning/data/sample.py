@@ -7,6 +7,7 @@ and regions are xyxy in continuous pixels (pixel ``i`` spans ``[i, i + 1]``). A 
 
 from __future__ import annotations
 
+import math
 from typing import Final, NamedTuple, TypedDict
 
 import torch
@@ -46,6 +47,8 @@ class Sample(_SampleRequired, total=False):
 
     hidden_boxes: Tensor  # float32 [H, 4] xyxy, original pixels
     hidden_labels: Tensor  # int64 [H]
+    # LldDataset (always): micrometres per pixel of this image, NaN = unknown; absent = unknown.
+    pixel_size_um: float
     # LldDataset under on_error: skip: the unreadable images this sample stands in for. A
     # dict holding only this key is a marker: the image was skipped and nothing stands in.
     skipped: list[SkippedImage]
@@ -64,6 +67,7 @@ class _BatchRequired(TypedDict):
     domain: list[str]
     image_id: Tensor  # int64 [B]
     path: list[str]
+    pixel_size_um: Tensor  # float32 [B] micrometres per original pixel; NaN = unknown
 
 
 class Batch(_BatchRequired, total=False):
@@ -157,6 +161,9 @@ def _collate_images(samples: list[Sample]) -> Batch:
         "domain": [s["domain"] for s in samples],
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "path": [str(s["path"]) for s in samples],
+        "pixel_size_um": torch.tensor(
+            [float(s.get("pixel_size_um", math.nan)) for s in samples], dtype=torch.float32
+        ),
     }
     if all("hidden_boxes" in s for s in samples):
         batch["hidden_boxes"], batch["hidden_labels"] = _collate_hidden(samples)

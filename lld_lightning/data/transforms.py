@@ -15,10 +15,14 @@ exact new box):
 
 1. letterbox: scale by ``S / max(h, w)`` (aspect ratio kept), content at the **top-left** of the
    ``S x S`` canvas, the rest filled with ``fill`` (top-left matches the collate padding and makes
-   the inverse a pure scale in eval);
+   the inverse a pure scale in eval). At a physical working resolution (``working_pixel_size``)
+   the scale is instead ``pixel_size_um / working_pixel_size`` of each image, so a cell has the
+   same size in output pixels whatever the microscope; an evaluation canvas then grows to hold
+   the whole resampled image (a square, in steps of `CANVAS_STEP`);
 2. (train) flips and quarter turns of the content about its own centre, re-anchored at the top-left;
 3. (train) zoom about the content centre and a translation in output pixels; with ``crop_size``
-   a native-resolution crop centred in an annotated region instead of the whole-image letterbox.
+   a crop (at the images' own or the working resolution) centred in an annotated region instead
+   of the whole-image letterbox.
 
 Eval (``train=False``) is step 1 only and deterministic.
 
@@ -34,7 +38,7 @@ set to ``fill``, whatever the warp or the photometric ops put there.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from kornia.enhance import (
@@ -48,6 +52,7 @@ from kornia.geometry.transform import warp_affine
 from torch import Tensor, nn
 
 from lld_lightning.constants import IGNORE_INDEX
+from lld_lightning.data.optics import Optics, apply_optics
 from lld_lightning.data.sample import Batch
 
 #: Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB, one per row
@@ -61,6 +66,9 @@ _STAIN_VECTORS: tuple[tuple[float, float, float], ...] = (
 _MIN_INTENSITY: float = 1e-6
 #: Range of the blur's sigma in output pixels (the blur's probability is `Augmentation.blur`).
 BLUR_SIGMA: tuple[float, float] = (0.1, 1.5)
+#: An evaluation canvas at a physical resolution grows in steps of this many pixels (the
+#: detector's coarsest stride).
+CANVAS_STEP: int = 32
 #: Largest standard deviation of the additive noise, images in [0, 1] (uniform in [0, NOISE_STD]).
 NOISE_STD: float = 0.03
 
@@ -110,13 +118,21 @@ class GeometryParams:
         )
 
 
-def geometry_matrix(image_size: Tensor, output_size: int, params: GeometryParams) -> Tensor:
-    """Compose letterbox, flips, quarter turns, zoom and shift into one matrix per image.
+def geometry_matrix(
+    image_size: Tensor,
+    output_size: int,
+    params: GeometryParams,
+    resample: Tensor | None = None,
+) -> Tensor:
+    """Compose letterbox (or resampling), flips, quarter turns, zoom and shift into one matrix.
 
     Args:
         image_size: int ``[B, 2]`` valid ``(h, w)`` of each original image.
         output_size: side ``S`` of the square output.
         params: the per-image parameters (use `GeometryParams.identity` for a plain letterbox).
+        resample: float ``[B]`` output pixels per original pixel in place of the letterbox's
+            ``S / max(h, w)`` (a physical working resolution, or 1 for native crops); a NaN
+            entry letterboxes that image. None letterboxes every image.
 
     Returns:
         float32 ``[B, 3, 3]`` affine matrices mapping original continuous pixel coordinates
@@ -126,6 +142,9 @@ def geometry_matrix(image_size: Tensor, output_size: int, params: GeometryParams
     params = params.to(device)
     height, width = image_size[:, 0].float(), image_size[:, 1].float()
     letterbox = output_size / torch.maximum(height, width).clamp(min=1.0)  # [B]
+    if resample is not None:
+        resample = resample.to(device=device, dtype=letterbox.dtype)
+        letterbox = torch.where(torch.isnan(resample), letterbox, resample)
     content_w, content_h = width * letterbox, height * letterbox
     odd_turn = params.quarter_turns % 2 == 1
     turned_w = torch.where(odd_turn, content_h, content_w)
@@ -340,6 +359,7 @@ class Augmentation:
         stain_beta: per-stain concentration shift range ``[-b, b]`` (optical density).
         blur: probability of a Gaussian blur (sigma 0.1 to 1.5 pixels) per image.
         noise: probability of Gaussian noise (standard deviation up to 0.03) per image.
+        optics: what another microscope and camera do (vignetting, defocus, motion blur, exposure, low light, white balance, gamma, JPEG), each with its probability and strength.
         min_visibility: drop a cell whose visible part is less than this fraction of it.
         min_size: drop a cell whose visible width or height is below this many output pixels.
         fill: grey level in [0, 1] of the output outside the image content.
@@ -361,12 +381,15 @@ class Augmentation:
     stain_beta: float = 0.03
     blur: float = 0.1
     noise: float = 0.1
+    optics: Optics = field(default_factory=Optics.off)
     min_visibility: float = 0.3
     min_size: float = 2.0
     fill: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(self.scale))
+        if isinstance(self.optics, dict):  # as a checkpoint's data hyper-parameters hold it
+            object.__setattr__(self, "optics", Optics(**self.optics))
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be a positive (low, high) range, got {self.scale}")
         if self.crop_size is not None and self.crop_size < 1:
@@ -374,13 +397,18 @@ class Augmentation:
 
 
 class DeviceAugmentation(nn.Module):
-    """Letterbox plus (train) random geometry and photometry, on the device, for a whole batch.
+    """Letterbox (or resampling to a physical resolution) plus (train) random geometry and
+    photometry, on the device, for a whole batch.
 
     Args:
         image_size: side ``S`` of the square output (of evaluation; training outputs
             ``augmentation.crop_size`` when it is set).
         train: random augmentation; ``False`` = deterministic top-left letterbox only.
         augmentation: the random augmentation and the cell filter (`Augmentation`).
+        working_pixel_size: micrometres per output pixel; each image is resampled from its own
+            pixel size (the batch's ``pixel_size_um``; unknown = letterboxed) instead of being
+            letterboxed, and an evaluation canvas grows (in steps of `CANVAS_STEP`) to hold the
+            whole resampled image. None letterboxes every image to ``S``.
     """
 
     def __init__(
@@ -388,19 +416,53 @@ class DeviceAugmentation(nn.Module):
         image_size: int = 640,
         train: bool = True,
         augmentation: Augmentation = Augmentation(),  # noqa: B008 (frozen, never mutated)
+        working_pixel_size: float | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if working_pixel_size is not None and not working_pixel_size > 0:
+            raise ValueError(f"working_pixel_size must be positive, got {working_pixel_size}")
         self.image_size = image_size
         self.train_mode = train
         self.options = augmentation
+        self.working_pixel_size = working_pixel_size
 
     @property
     def output_size(self) -> int:
-        """Side of the output: ``crop_size`` when training on crops, else ``image_size``."""
+        """Side of the output: ``crop_size`` when training on crops, else ``image_size`` (an
+        evaluation canvas at a physical resolution may be larger: see `canvas_size`)."""
         crop_size = self.options.crop_size
         return crop_size if self.train_mode and crop_size else self.image_size
+
+    def resample_factors(self, batch: Batch) -> Tensor | None:
+        """Output pixels per original pixel of each image, float ``[B]`` (an image of unknown
+        pixel size: its letterbox factor), or None when every image is letterboxed."""
+        batch_size = int(batch["image_size"].shape[0])
+        if self.working_pixel_size is not None:
+            pixel_size = batch.get("pixel_size_um")
+            if pixel_size is None:
+                pixel_size = torch.full((batch_size,), float("nan"))
+            factors = pixel_size.float().cpu() / self.working_pixel_size
+            # An image of unknown pixel size is letterboxed to `output_size`, never to a canvas
+            # grown for the other images of its batch.
+            longest = batch["image_size"].float().cpu().max(dim=1).values.clamp(min=1.0)
+            return torch.where(torch.isnan(factors), self.output_size / longest, factors)
+        if self.train_mode and self.options.crop_size:
+            return torch.ones(batch_size)  # crops at the images' own resolution
+        return None
+
+    def canvas_size(self, image_size: Tensor, resample: Tensor | None) -> int:
+        """Side of the output for these images: `output_size`, grown in evaluation to hold the
+        largest resampled image."""
+        if self.train_mode or resample is None:
+            return self.output_size
+        longest = image_size.float().cpu().max(dim=1).values * resample.cpu()
+        longest = longest[~torch.isnan(longest)]
+        if longest.numel() == 0:
+            return self.output_size
+        needed = math.ceil(float(longest.max()) / CANVAS_STEP - 1e-6) * CANVAS_STEP
+        return max(self.output_size, needed)
 
     def sample_geometry(
         self, batch_size: int, generator: torch.Generator | None = None
@@ -423,13 +485,17 @@ class DeviceAugmentation(nn.Module):
         )
 
     def region_crop(
-        self, batch: Batch, params: GeometryParams, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        params: GeometryParams,
+        resample: Tensor,
+        generator: torch.Generator | None = None,
     ) -> GeometryParams:
-        """Turn letterbox parameters into a native-resolution crop centred in an annotated region.
+        """Turn letterbox parameters into a crop centred in an annotated region.
 
-        The zoom becomes ``scale * max(h, w) / crop_size`` (so one original pixel is ``scale``
-        output pixels) and the shift puts a uniformly drawn point of a randomly chosen valid region
-        (the whole image when there is none) at the crop centre, plus the sampled shift.
+        The images are resampled by ``resample`` (1 = their own resolution), zoomed by
+        ``scale``, and shifted so that a uniformly drawn point of a randomly chosen valid region
+        (the whole image when there is none) lands at the crop centre, plus the sampled shift.
         """
         crop_size = self.output_size
         image_size = batch["image_size"].float()  # [B, 2] (h, w)
@@ -443,14 +509,13 @@ class DeviceAugmentation(nn.Module):
         chosen = torch.where(valid.any(dim=1, keepdim=True), chosen, whole)
         u = _uniform(0.0, 1.0, (batch_size, 2), generator)
         point = chosen[:, :2] + u * (chosen[:, 2:] - chosen[:, :2])  # [B, 2] original pixels
-        zoom = params.scale * image_size.cpu().max(dim=1).values / crop_size
-        native = GeometryParams(
-            params.hflip, params.vflip, params.quarter_turns, zoom, torch.zeros(batch_size, 2)
+        centred = GeometryParams(
+            params.hflip, params.vflip, params.quarter_turns, params.scale, torch.zeros(batch_size, 2)
         )
-        matrix = geometry_matrix(batch["image_size"].cpu(), crop_size, native)  # [B, 3, 3]
+        matrix = geometry_matrix(batch["image_size"].cpu(), crop_size, centred, resample.cpu())
         mapped = (matrix[:, :2, :2] @ point[..., None])[..., 0] + matrix[:, :2, 2]  # [B, 2]
         shift = crop_size / 2 - mapped + params.translate.cpu()
-        return GeometryParams(params.hflip, params.vflip, params.quarter_turns, zoom, shift)
+        return GeometryParams(params.hflip, params.vflip, params.quarter_turns, params.scale, shift)
 
     def forward(
         self,
@@ -476,24 +541,31 @@ class DeviceAugmentation(nn.Module):
             ``image_size`` is kept: it still gives the original ``(h, w)``.
         """
         image_size = batch["image_size"].to(batch["image"].device)
-        matrix = geometry_matrix(
-            image_size, self.output_size, self._geometry(batch, generator, params)
-        )
-        bounds = content_boxes(image_size, matrix, self.output_size)
+        resample = self.resample_factors(batch)
+        output_size = self.canvas_size(image_size, resample)
+        geometry = self._geometry(batch, generator, params, resample)
+        matrix = geometry_matrix(image_size, output_size, geometry, resample)
+        bounds = content_boxes(image_size, matrix, output_size)
         out = batch.copy()
-        out["image"] = self._render(batch["image"], image_size, matrix, bounds, generator)
+        out["image"] = self._render(
+            batch["image"], image_size, matrix, bounds, output_size, generator
+        )
         out.update(self._move_cells(batch, matrix, bounds))
         out["transform"] = matrix
         return out
 
     def _geometry(
-        self, batch: Batch, generator: torch.Generator | None, params: GeometryParams | None
+        self,
+        batch: Batch,
+        generator: torch.Generator | None,
+        params: GeometryParams | None,
+        resample: Tensor | None,
     ) -> GeometryParams:
         if params is not None:
             return params
         params = self.sample_geometry(batch["image"].shape[0], generator)
-        if self.train_mode and self.options.crop_size:
-            params = self.region_crop(batch, params, generator)
+        if self.train_mode and self.options.crop_size and resample is not None:
+            params = self.region_crop(batch, params, resample, generator)
         return params
 
     def _render(
@@ -502,15 +574,16 @@ class DeviceAugmentation(nn.Module):
         image_size: Tensor,
         matrix: Tensor,
         bounds: Tensor,
+        output_size: int,
         generator: torch.Generator | None,
     ) -> Tensor:
         """Warped, (train) photometrically jittered images, ``fill`` outside the content."""
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        image = warp_images(replicate_padding(images, image_size), matrix, self.output_size)
+        image = warp_images(replicate_padding(images, image_size), matrix, output_size)
         if self.train_mode:
             image = self._photometric(image, generator)
         # Outside the content is `fill`, whatever the warp or the photometric ops put there.
-        inside = content_mask(bounds, self.output_size)[:, None]  # [B, 1, S, S]
+        inside = content_mask(bounds, output_size)[:, None]  # [B, 1, S, S]
         return torch.where(inside, image.clamp(0.0, 1.0), image.new_tensor(self.options.fill))
 
     def _move_cells(self, batch: Batch, matrix: Tensor, bounds: Tensor) -> dict[str, Tensor]:
@@ -551,7 +624,7 @@ class DeviceAugmentation(nn.Module):
             images = self._blur(images, generator)
         if o.noise > 0:
             images = self._noise(images, generator)
-        return images
+        return apply_optics(images, o.optics, generator)
 
     def _colour(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         # Factors are sampled here (not by a kornia.augmentation module) so that `generator`

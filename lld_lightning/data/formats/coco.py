@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 
 from lld_lightning.constants import IGNORE_INDEX
-from lld_lightning.data.domains import Manifest, discover_domain
+from lld_lightning.data.domains import (
+    Manifest,
+    discover_domain,
+    manifest_pixel_size,
+    pixel_size_value,
+)
 from lld_lightning.data.errors import DataError, DataReport
 from lld_lightning.data.formats.options import FormatOptions
 from lld_lightning.data.formats.yolo import (
@@ -42,7 +47,7 @@ def _image_entry(record: ImageRecord, images_root: Path, attribute_names: list[s
             f"record has {record.attributes.shape[1]} attributes, attribute_spec "
             f"{len(attribute_names)}",
         )
-    return {
+    entry = {
         "id": int(record.image_id),
         "file_name": file_name,
         "width": int(record.width),
@@ -50,6 +55,9 @@ def _image_entry(record: ImageRecord, images_root: Path, attribute_names: list[s
         "domain": record.domain,
         "annotated_regions": [[float(v) for v in region] for region in record.regions_xyxy],
     }
+    if record.pixel_size_um is not None:
+        entry["pixel_size_um"] = float(record.pixel_size_um)
+    return entry
 
 
 def _annotation_entries(
@@ -369,7 +377,9 @@ def _image_record(
         height=height,
         boxes_xyxy=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         labels=np.asarray(labels, dtype=np.int64),
-        attributes=np.asarray(attributes, dtype=np.int64).reshape(-1, options.num_attributes),
+        attributes=np.asarray(attributes, dtype=np.int64).reshape(
+                len(labels), options.num_attributes
+            ),
         regions_xyxy=regions,
         image_id=int(image["id"]),
         label_path=json_path,
@@ -409,6 +419,21 @@ def _domain(
         return domain
     row = manifest.lookup(record.path.name, record.split) if manifest is not None else None
     return discover_domain(record.path, root, row, options.domain_column)
+
+
+def _pixel_size(
+    json_path: Path,
+    image: dict,
+    record: ImageRecord,
+    options: FormatOptions,
+    manifest: Manifest | None,
+) -> float | None:
+    """The image's ``pixel_size_um`` field (micrometres per pixel), else the manifest's."""
+    if image.get(options.pixel_size_column) is not None:
+        where = f"{json_path}: image id {image.get('id')}"
+        return pixel_size_value(image[options.pixel_size_column], where)
+    row = manifest.lookup(record.path.name, record.split) if manifest is not None else None
+    return manifest_pixel_size(manifest, row, options.pixel_size_column)
 
 
 def read_coco(
@@ -474,6 +499,7 @@ def read_coco(
             )
             record.split = json_path.stem
             record.domain = _domain(image, record, roots[0], options, manifest)
+            record.pixel_size_um = _pixel_size(json_path, image, record, options, manifest)
         except DataError as err:
             report.error("invalid annotation", err)
             continue

@@ -14,7 +14,12 @@ from typing import Literal
 
 from rich.table import Table
 
-from lld_lightning.data.domains import Manifest, discover_domain, load_manifest
+from lld_lightning.data.domains import (
+    Manifest,
+    discover_domain,
+    load_manifest,
+    manifest_pixel_size,
+)
 from lld_lightning.data.errors import DataError, DataReport
 from lld_lightning.data.formats.coco import read_coco
 from lld_lightning.data.formats.lld import parse_lld_label_file
@@ -140,6 +145,7 @@ def _load_layout(
             labels_seen[entry.label_path] = entry.image_path
             record = _load_entry(entry, format, width, height, options, report, attribute_row)
             row = manifest.lookup(entry.image_path.name, entry.split) if manifest else None
+            record.pixel_size_um = manifest_pixel_size(manifest, row, options.pixel_size_column)
         except DataError as err:
             reason = "missing label" if not entry.label_path.is_file() else "invalid label"
             report.error(reason, err)

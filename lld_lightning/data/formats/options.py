@@ -31,6 +31,8 @@ class FormatOptions:
         manifest_file_column: manifest column holding the image file name.
         manifest_split_column: manifest column holding the split (optional in the CSV).
         domain_column: manifest column holding the domain.
+        pixel_size_column: manifest column (and COCO image field) holding an image's pixel size
+            in micrometres; optional, an empty cell means unknown.
         attribute_csv: optional CSV (absolute or relative to the root) joining attributes to
             one cell per image (plain YOLO only, see ``docs/formats.md``).
         attribute_columns: attribute name (a CSV column and a key of ``attribute_spec``) ->
@@ -53,6 +55,7 @@ class FormatOptions:
     manifest_file_column: str = "file"
     manifest_split_column: str = "split"
     domain_column: str = "source"
+    pixel_size_column: str = "pixel_size_um"
     attribute_csv: Path | None = None
     attribute_columns: dict[str, list[str]] = field(default_factory=dict)
     attribute_file_column: str = "txl_file"
