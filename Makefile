@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 # Exact pins for the machines we test on (the package itself takes ranges).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint format smoke demo fit test-model predict txl benchmark sparse-study gpu-prep clean
+.PHONY: install test test-all lint format smoke demo fit test-model predict txl shifts loso benchmark sparse-study gpu-prep clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,19 @@ predict: install
 txl: install             ## TXL-PBC from ../shared/data/txl_pbc
 	$(LLD) fit --config configs/txl.yaml
 	$(LLD) test --config configs/txl.yaml --ckpt_path runs/txl/latest/checkpoints/best.ckpt
+
+# The robustness protocols (lld_lightning/tools/robustness.py); ROBUSTNESS_ARGS go to every lld
+# command, e.g. ROBUSTNESS_ARGS="--trainer.max_epochs 3".
+CONFIG ?= configs/txl.yaml
+shifts: CKPT ?= runs/txl/latest/checkpoints/best.ckpt
+shifts: OUT ?= runs/shifts
+loso: OUT ?= runs/loso
+
+shifts: install          ## shifted-microscopes suite: test CKPT on CONFIG's test images under 6 shifts x 3 severities
+	$(PY) -m lld_lightning.tools.robustness shifts --config $(CONFIG) --ckpt_path $(CKPT) --out $(OUT) $(ROBUSTNESS_ARGS)
+
+loso: install            ## leave one source out: for each source of CONFIG, fit on the others, test on all
+	$(PY) -m lld_lightning.tools.robustness loso --config $(CONFIG) --out $(OUT) $(ROBUSTNESS_ARGS)
 
 benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 10 min on 2 CPU cores)
 	$(PY) -m lld_lightning.tools.benchmark $(BENCHMARK_ARGS)

@@ -466,7 +466,8 @@ def _mapping_keys(value: str) -> list[str]:
 
 def main(args: list[str] | None = None) -> LldCLI:
     """Run the CLI; a data error, a backbone timm cannot serve or a non-finite loss ends with a
-    one-paragraph message (exit 2). ``lld export ...`` runs `lld_lightning.tools.export`."""
+    one-paragraph message (exit 2). ``lld export ...`` and ``lld adapt ...`` run
+    `lld_lightning.tools.export` and `lld_lightning.tools.adapt`."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["export"]:
         from lld_lightning.tools.export import main as export_main

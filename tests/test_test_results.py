@@ -72,6 +72,9 @@ def test_results_json_holds_the_logged_metrics(tested) -> None:
         for cls, ap in entry["ap_per_class"].items():
             assert ap == flat[f"{scope}/ap/{cls}"]
             seen.add(f"{scope}/ap/{cls}")
+        for cls, ap in entry["ap50_per_class"].items():
+            assert ap == flat[f"{scope}/ap50/{cls}"]
+            seen.add(f"{scope}/ap50/{cls}")
         for attr, values in entry["attributes"].items():
             for metric in ("accuracy", "f1"):
                 if metric in values:

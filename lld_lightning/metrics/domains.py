@@ -87,6 +87,7 @@ class DomainMetrics(nn.Module):
     - ``<dom>/ap/<class name>`` per class (``class_metrics=True``); a class with no
       ground-truth cell in the scope has no AP and is left out (torchmetrics' -1 would drag
       down any average taken over the logged values);
+    - ``<dom>/ap50/<class name>``: the same classes' AP at IoU 0.5 (``class_metrics=True``);
     - ``<dom>/attr/mean_f1``, ``<dom>/attr/mean_accuracy``, ``<dom>/attr/matched_fraction``,
       ``<dom>/attr/<name>/f1``, ``<dom>/attr/<name>/accuracy`` (see `AttributeMetrics`); an
       undefined one (`UNDEFINED_METRIC` there) is left out.
@@ -217,10 +218,13 @@ class DomainMetrics(nn.Module):
                     continue
                 key = self._keys[scope]
                 results[f"{scope}/num_images"] = float(count)
-                # COCO's precision array is asked for only when wanted: it is [10, 101, K, 4, 3].
+                # COCO's precision array ([10, 101, K, 4, 3]) is asked for only when wanted: for
+                # the details and for AP@.5 per class (its conversion costs little next to COCO's
+                # evaluation).
                 detection = self.detection[key]
-                if detection.extended_summary != with_details:
-                    detection.extended_summary = with_details
+                wanted = with_details or self.class_metrics
+                if detection.extended_summary != wanted:
+                    detection.extended_summary = wanted
                     detection._computed = None  # torchmetrics' cached result lacks or has it
                 det = detection.compute()
                 results.update(self._detection_results(scope, det))
@@ -262,7 +266,26 @@ class DomainMetrics(nn.Module):
             }
             results.update({f"{scope}/ap/{name}": per_class[name] for name in self.class_names
                             if name in per_class})
+            ap50 = self._ap50_per_class(det)
+            results.update({f"{scope}/ap50/{name}": ap50[name] for name in self.class_names
+                            if name in ap50})
         return results
+
+    def _ap50_per_class(self, det: dict[str, Tensor]) -> dict[str, float]:
+        """AP at IoU 0.5 per class with ground truth, as COCO averages ``map_50`` (all areas,
+        the largest detection budget, mean over the recall points), from its ``precision``
+        ``[T, R, K, A, M]``; empty without that array (``extended_summary`` off)."""
+        precision = det.get("precision")
+        if precision is None or precision.ndim != 5:
+            return {}
+        at_50 = precision[IOU_50_INDEX, :, :, 0, -1]  # [R, K]
+        found = {}
+        for k, class_id in enumerate(det["classes"].reshape(-1).tolist()[: at_50.shape[1]]):
+            name = self._class_name(class_id)
+            valid = at_50[:, k][at_50[:, k] > -1]  # COCO's -1: no ground truth of this class
+            if name is not None and valid.numel():
+                found[name] = float(valid.mean())
+        return found
 
     def _pr_curves(self, det: dict[str, Tensor]) -> dict[str, list[float]]:
         """Precision over recall at IoU 0.5, all areas, the largest detection budget, per class

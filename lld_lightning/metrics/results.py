@@ -20,7 +20,8 @@ PLOTS_DIR = "plots"
 #: Version of the ``results.json`` layout; bumped when a key changes meaning.
 SCHEMA_VERSION = 1
 
-#: ``results.json`` key of each flat ``<scope>/<key>`` metric (besides ``ap/`` and ``attr/<name>/``).
+#: ``results.json`` key of each flat ``<scope>/<key>`` metric (besides ``ap/``, ``ap50/`` and
+#: ``attr/<name>/``).
 _SCALARS = {
     "num_images": "num_images",
     "map": "map",
@@ -45,9 +46,10 @@ def _scope_results(
         if prefix + key in flat:
             value = flat[prefix + key]
             out[name] = int(value) if key == "num_images" else value
-    out["ap_per_class"] = {
-        c: flat[f"{prefix}ap/{c}"] for c in class_names if f"{prefix}ap/{c}" in flat
-    }
+    for group, key in (("ap_per_class", "ap"), ("ap50_per_class", "ap50")):
+        out[group] = {
+            c: flat[f"{prefix}{key}/{c}"] for c in class_names if f"{prefix}{key}/{c}" in flat
+        }
     attributes = {}
     for name in attribute_spec:
         entry = {
@@ -76,7 +78,8 @@ def results_document(
     Layout: ``schema_version``, ``checkpoint``, ``date`` (ISO 8601, UTC), ``classes``,
     ``attributes`` (``{name: [value names]}``), ``overall`` and ``domains`` (``{domain: ...}``),
     each scope holding ``num_images``, ``map``, ``map_50``, ``map_75``, ``ap_per_class``
-    (``{class: AP}``, classes with ground truth only), ``attributes`` (``{name: {accuracy, f1,
+    (``{class: AP@[.5:.95]}``, classes with ground truth only), ``ap50_per_class`` (``{class:
+    AP@.5}``, the same classes), ``attributes`` (``{name: {accuracy, f1,
     confusion}}``, confusion rows = true value, columns = predicted), ``attribute_mean_accuracy``,
     ``attribute_mean_f1``, ``matched_fraction``; an undefined metric is absent, as in the logs.
 
