@@ -270,3 +270,18 @@ def test_scale_estimates_each_domain_clean_and_zoomed(yolo_run, capsys) -> None:
         assert row["images"] == 2 and row["estimate_um"] > 0
         assert row["error"] == pytest.approx(row["estimate_um"] / row["known_um"] - 1)
     assert json.loads((work / "scale" / "pixel_size.json").read_text())["rows"] == document["rows"]
+
+
+def test_shifts_with_adapt_tests_each_domain_with_its_own_adapted_checkpoint(yolo_run) -> None:
+    work, args = yolo_run
+    out = work / "adapted"
+    argv = ["--ckpt_path", "last", "--out", str(out), "--adapt"]
+    document = main(["shifts", *args, *argv, "--shifts", "colour", "--severities", "2"])
+    assert document["adapted"] is True
+    for domain in (CLEAN, "colour-2"):
+        checkpoint = torch.load(out / "adapt" / f"{domain}.ckpt", weights_only=True)
+        assert checkpoint["lld_adaptation"]["num_images"] == 2
+        tested = json.loads((out / "adapt" / f"{domain}_run" / "results.json").read_text())
+        assert set(tested["domains"]) == {domain}  # each adapted model saw only its domain
+    assert document[CLEAN]["num_images"] == 2
+    assert document["shifts"]["colour"]["2"]["num_images"] == 2

@@ -380,11 +380,79 @@ def run_shifts(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
     )
     Console(stderr=True).print(f"robustness: {count} images written to {out}")
     tested = _copy_checkpoint(ckpt, out / "run")
-    run_lld(
-        [
-            "test",
+    test_args = _shifted_test_args(config_args, out, datamodule)
+    if args.adapt:
+        results = _adapted_results(tested, out, test_args)
+    else:
+        run_lld(["test", *test_args, "--ckpt_path", str(tested)])
+        results = json.loads((out / "run" / RESULTS_JSON).read_text())
+    summary = summarise_shifts(results, shifts, severities, class_name)
+    document = {
+        "checkpoint": str(ckpt),
+        "class_name": class_name,
+        "pixel_size": args.pixel_size,
+        "adapted": bool(args.adapt),
+        "shifts": shifts,
+        "severities": severities,
+        "results_json": str(out / "run" / RESULTS_JSON),
+        **summary,
+    }
+    (out / ROBUSTNESS_JSON).write_text(json.dumps(document, indent=2) + "\n")
+    shifts_chart(summary, class_name, severities).save(out / ROBUSTNESS_PNG)
+    console = Console()
+    console.print(shifts_table(summary, class_name, severities))
+    console.print(f"robustness: {out / ROBUSTNESS_JSON}, {out / ROBUSTNESS_PNG}")
+    return document
+
+
+def _adapted_results(tested: Path, out: Path, test_args: list[str]) -> dict[str, Any]:
+    """Each shifted domain tested by the checkpoint adapted (``lld adapt``) to its own images:
+    results.json's ``domains`` gathered from one test per domain."""
+    from lld_lightning.tools.adapt import adapt_checkpoint
+
+    with open(out / MANIFEST, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_domain: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_domain.setdefault(row["source"], []).append(row)
+    domains: dict[str, Any] = {}
+    for domain, members in by_domain.items():
+        folder = out / "adapt" / domain
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for row in members:
+            (folder / row["file"]).symlink_to((out / "images" / "test" / row["file"]).resolve())
+        sizes = [float(row[PIXEL_SIZE_COLUMN]) for row in members if row[PIXEL_SIZE_COLUMN]]
+        # One microscope per folder: the median pixel size of the domain's images.
+        flags = ["--data.pixel_size.default", f"{np.median(sizes):.6g}"] if sizes else []
+        run = out / "adapt" / f"{domain}_run"
+        shutil.rmtree(run, ignore_errors=True)
+        adapted = adapt_checkpoint(
+            tested,
+            folder,
+            output=out / "adapt" / f"{domain}.ckpt",
+            data_flags=flags,
+            overwrite=True,
+            progress=False,
+        )
+        checkpoint = _copy_checkpoint(adapted, run)
+        run_lld(
+            [
+                "test", *test_args, "--ckpt_path", str(checkpoint),
+                "--data.domains.test", json.dumps([domain]),
+                "--trainer.default_root_dir", str(run),
+            ]
+        )  # fmt: skip
+        domains.update(json.loads((run / RESULTS_JSON).read_text()).get("domains", {}))
+    results = {"domains": domains}
+    (out / "run" / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _shifted_test_args(config_args: list[str], out: Path, datamodule: Any) -> list[str]:
+    """The ``lld test`` arguments that read the shifted dataset written under ``out``."""
+    return [
             *config_args,
-            "--ckpt_path", str(tested),
             "--data.root", str(out),
             "--data.format", "yolo",
             "--data.attribute_spec", json.dumps(datamodule.attribute_spec),
@@ -399,25 +467,7 @@ def run_shifts(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
             "--data.splits.test", "test",
             "--data.domains.test", "null",
             "--trainer.default_root_dir", str(out / "run"),
-        ]
-    )  # fmt: skip
-    results = json.loads((out / "run" / RESULTS_JSON).read_text())
-    summary = summarise_shifts(results, shifts, severities, class_name)
-    document = {
-        "checkpoint": str(ckpt),
-        "class_name": class_name,
-        "pixel_size": args.pixel_size,
-        "shifts": shifts,
-        "severities": severities,
-        "results_json": str(out / "run" / RESULTS_JSON),
-        **summary,
-    }
-    (out / ROBUSTNESS_JSON).write_text(json.dumps(document, indent=2) + "\n")
-    shifts_chart(summary, class_name, severities).save(out / ROBUSTNESS_PNG)
-    console = Console()
-    console.print(shifts_table(summary, class_name, severities))
-    console.print(f"robustness: {out / ROBUSTNESS_JSON}, {out / ROBUSTNESS_PNG}")
-    return document
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- scale
@@ -658,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     shifts.add_argument(
         "--severities", nargs="+", type=int, choices=SEVERITIES, default=list(SEVERITIES),
         help="the severities of each shift",
+    )  # fmt: skip
+    shifts.add_argument(
+        "--adapt", action="store_true",
+        help="adapt the checkpoint to each shifted domain's images (lld adapt) before testing it",
     )  # fmt: skip
     shifts.add_argument(
         "--pixel_size", choices=("known", "unknown"), default="known",
