@@ -336,3 +336,22 @@ def test_lld_predict_refuses_a_pixel_size_for_a_letterboxing_model(
         _predict(checkpoints["letterbox"], tiny_synthetic, folder, tmp_path, "--pixel_size_um", "0.2")
     assert exit_info.value.code == 2
     assert "has no working resolution" in capsys.readouterr().err
+
+
+def test_an_exported_model_keeps_its_working_resolution(
+    checkpoints: dict[str, Path], tiny_synthetic: Path, tmp_path: Path
+) -> None:
+    from lld_lightning.tools.export import export_checkpoint
+    from tests.test_export import IMAGE_SIZE
+
+    path = export_checkpoint(checkpoints["working"], "torchscript", out=tmp_path / "m.torchscript")
+    metadata = json.loads(Path(f"{path}.json").read_text())
+    assert metadata["working_pixel_size_um"] == 0.5
+    exported = Predictor.from_exported(path)
+    film = sorted(p for p in tiny_synthetic.rglob("images/test/*") if p.suffix == ".png")[0]
+    reference = Predictor.from_checkpoint(checkpoints["working"])
+    # 160-pixel films at 0.25 um resampled to 0.5 um: 80 pixels, inside the fixed input.
+    cells = exported(film, pixel_size_um=0.25)[0]
+    assert [c.class_name for c in cells] == [c.class_name for c in reference(film, pixel_size_um=0.25)[0]]
+    with pytest.raises(ValueError, match="export it again with a larger --image_size"):
+        exported(film, pixel_size_um=0.25 * 4 * IMAGE_SIZE / 160)

@@ -321,6 +321,7 @@ def export_module(
     value_names: dict[str, list[str]] | None = None,
     opset: int = DEFAULT_OPSET,
     source: str | None = None,
+    working_pixel_size: float | None = None,
 ) -> Path:
     """Export an `LldModule` (its detector, post-processing and read-out) and write the metadata.
 
@@ -333,6 +334,8 @@ def export_module(
         value_names: names of each attribute's values (default: the value indices).
         opset: ONNX opset.
         source: the checkpoint it came from (recorded).
+        working_pixel_size: micrometres per pixel the model works at (recorded: the runtime
+            resamples images to it instead of letterboxing them); None = it letterboxes.
 
     Returns:
         The model file.
@@ -379,10 +382,13 @@ def export_module(
             "normalisation": "inside the model",
         },
         "letterbox": {
-            "scale": "image_size / max(height, width)",
+            "scale": "image_size / max(height, width)"
+            if working_pixel_size is None
+            else "pixel_size_um / working_pixel_size_um (the image's own pixel size)",
             "anchor": "top-left",
             "fill": fill,
         },
+        "working_pixel_size_um": working_pixel_size,
         "outputs": {name: _OUTPUT_DOC[name] for name in OUTPUT_NAMES},
         "class_names": list(module.class_names),
         "attributes": {name: list(names[name]) for name in attribute_spec},
@@ -439,6 +445,7 @@ def export_checkpoint(
         value_names=loaded.value_names,
         opset=opset,
         source=str(ckpt_path),
+        working_pixel_size=loaded.working_pixel_size,
     )
 
 
