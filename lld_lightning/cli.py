@@ -164,15 +164,19 @@ class LldCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
-        saved = (checkpoint.get("datamodule_hyper_parameters") or {}).get("pixel_size") or {}
+        saved_data = checkpoint.get("datamodule_hyper_parameters")
+        if saved_data is None:  # not written by a fit: nothing says how it was trained
+            return
+        # A checkpoint from before pixel sizes existed was trained letterboxing (working null).
+        working = (saved_data.get("pixel_size") or {}).get("working")
         data = self.config[subcommand].get("data")
         found, current = _get_path(data, ["pixel_size", "working"])
-        if "working" in saved and found and current != saved["working"]:
+        if found and current != working:
             rank_zero_info(
-                f"lld {subcommand}: data.pixel_size.working {saved['working']} um, as the "
-                f"checkpoint was trained (the config says {current})"
+                f"lld {subcommand}: data.pixel_size.working {working}, as the checkpoint was "
+                f"trained (the config says {current})"
             )
-            _set_path(data, ["pixel_size", "working"], saved["working"])
+            _set_path(data, ["pixel_size", "working"], working)
 
     def _check_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last|best`` to the latest run's checkpoint, and end with one line

@@ -68,6 +68,9 @@ def build(
         str(batch_size),
         "--data.num_workers",
         "0",
+        # The whole field letterboxed to --image-size, as the speed protocol has always measured.
+        "--data.pixel_size.working",
+        "null",
         "--trainer.logger",
         "false",
         *(["--data.root", args.root] if args.root else []),

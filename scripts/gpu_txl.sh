@@ -71,7 +71,7 @@ if [[ " $PARTS " == *" txl "* ]]; then
   # on the best checkpoint by val mAP@[.5:.95]. A recipe is a name and extra `lld` arguments.
   # Default: the recipe of configs/gpu/txl_4min.yaml (spelled out, since this script adds its own
   # TimeBudget); "base16" is the first 4-minute recipe.
-  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.detector.fpn_channels 128 --model.detector.head_convs 2 --model.detector.backbone resnet34 --model.loss.cls_loss quality_focal --trainer.benchmark true --model.metrics_backend faster_coco_eval"}
+  RECIPES=${RECIPES:-"txl_4min|--data.batch_size 64 --model.lr 0.004 --model.detector.fpn_channels 128 --model.detector.head_convs 2 --model.detector.backbone resnet34 --model.loss.cls_loss quality_focal --trainer.benchmark true --model.metrics_backend faster_coco_eval --data.pixel_size.working null --data.augmentation.optics.vignetting 0 --data.augmentation.optics.defocus 0 --data.augmentation.optics.motion_blur 0 --data.augmentation.optics.exposure 0 --data.augmentation.optics.low_light 0 --data.augmentation.optics.white_balance 0 --data.augmentation.optics.gamma 0 --data.augmentation.optics.jpeg 0"}
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>/dev/null &
   smi=$!
   pids=()

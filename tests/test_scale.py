@@ -355,3 +355,22 @@ def test_an_exported_model_keeps_its_working_resolution(
     assert [c.class_name for c in cells] == [c.class_name for c in reference(film, pixel_size_um=0.25)[0]]
     with pytest.raises(ValueError, match="export it again with a larger --image_size"):
         exported(film, pixel_size_um=0.25 * 4 * IMAGE_SIZE / 160)
+
+
+def test_a_config_cannot_give_a_letterboxing_checkpoint_a_working_resolution(
+    checkpoints: dict[str, Path], tiny_synthetic: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = next(tiny_synthetic.rglob("images/test"))
+    config = tmp_path / "working.yaml"
+    config.write_text("data:\n  pixel_size:\n    working: 0.5\n")
+    older = torch.load(checkpoints["letterbox"], weights_only=True)
+    del older["datamodule_hyper_parameters"]["pixel_size"]  # as written before pixel sizes
+    torch.save(older, tmp_path / "older.ckpt")
+    for checkpoint in (checkpoints["letterbox"], tmp_path / "older.ckpt"):
+        with pytest.raises(SystemExit):
+            _predict(
+                checkpoint, tiny_synthetic, folder, tmp_path,
+                "--config", str(config), "--pixel_size_um", "0.2",
+            )  # fmt: skip
+        assert "has no working resolution" in capsys.readouterr().err
