@@ -374,3 +374,21 @@ def test_a_config_cannot_give_a_letterboxing_checkpoint_a_working_resolution(
                 "--config", str(config), "--pixel_size_um", "0.2",
             )  # fmt: skip
         assert "has no working resolution" in capsys.readouterr().err
+
+
+def test_a_manifest_gives_predicted_images_their_domain_and_pixel_size(tmp_path: Path) -> None:
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(folder / name)
+    (tmp_path / "m.csv").write_text("file,source,pixel_size_um\na.png,scope_x,0.3\n")
+    datamodule = LldDataModule(
+        predict_root=str(folder),
+        num_workers=0,
+        reading=ReadOptions(manifest=str(tmp_path / "m.csv")),
+        pixel_size=PixelSize(working=WORKING, default=0.2),
+    )
+    datamodule.setup("predict")
+    records = {r.path.name: r for r in datamodule.predict_set.records}
+    assert (records["a.png"].domain, records["a.png"].pixel_size_um) == ("scope_x", 0.3)
+    assert records["b.png"].pixel_size_um == 0.2  # not listed: the default

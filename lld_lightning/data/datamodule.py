@@ -26,7 +26,13 @@ from lld_lightning.constants import (
     LLD_PIXEL_SIZE_UM,
 )
 from lld_lightning.data.dataset import UNREADABLE_IMAGE, LldDataset, SkipCountingLoader
-from lld_lightning.data.domains import domain_from_path, lld_objective
+from lld_lightning.data.domains import (
+    Manifest,
+    domain_from_path,
+    lld_objective,
+    load_manifest,
+    manifest_pixel_size,
+)
 from lld_lightning.data.errors import DataError, DataReport, OnError
 from lld_lightning.data.formats.load import load_records, summarize_records
 from lld_lightning.data.formats.options import FormatOptions
@@ -439,6 +445,7 @@ class LldDataModule(L.LightningDataModule):
         if not folder.exists():
             raise DataError.at(folder, "predict_root not found")
         files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
+        manifest = self._predict_manifest()
         records = []
         for path in files:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -462,6 +469,15 @@ class LldDataModule(L.LightningDataModule):
                 attributes=np.zeros((0, self.num_attributes), dtype=np.int64),
                 domain=domain_from_path(path, folder) or DEFAULT_DOMAIN,
             )
+            try:
+                row = manifest.lookup(path.name, "") if manifest is not None else None
+            except DataError:  # listed twice: the manifest cannot say which row is this image
+                row = None
+            if row is not None:  # a manifest that lists the image gives its domain and size
+                record.domain = row.values.get(self.reading.domain_column) or record.domain
+                record.pixel_size_um = manifest_pixel_size(
+                    manifest, row, self.reading.pixel_size_column
+                )
             record.pixel_size_um = self.predict_pixel_size_um or self.pixel_size.of(record)
             records.append(record)
         if not records:
@@ -470,6 +486,18 @@ class LldDataModule(L.LightningDataModule):
         if self.pixel_size.working is None:
             self._warn_shrunk(records)
         return self._dataset(records, on_error="skip")
+
+    def _predict_manifest(self) -> Manifest | None:
+        """``reading.manifest`` when it is an absolute path or exists under ``root``: it may give
+        the predicted images their domain and pixel size (looked up by file name)."""
+        if self.reading.manifest is None:
+            return None
+        path = Path(self.reading.manifest)
+        if not path.is_absolute():
+            if self.root is None or not (self.root / path).is_file():
+                return None
+            path = self.root / path
+        return load_manifest(path, domain_column=self.reading.domain_column)
 
     def _warn_shrunk(self, records: list[ImageRecord]) -> None:
         """Name the images the evaluation letterbox shrinks by more than

@@ -422,9 +422,12 @@ def _adapted_results(tested: Path, out: Path, test_args: list[str]) -> dict[str,
         folder.mkdir(parents=True)
         for row in members:
             (folder / row["file"]).symlink_to((out / "images" / "test" / row["file"]).resolve())
-        sizes = [float(row[PIXEL_SIZE_COLUMN]) for row in members if row[PIXEL_SIZE_COLUMN]]
-        # One microscope per folder: the median pixel size of the domain's images.
-        flags = ["--data.pixel_size.default", f"{np.median(sizes):.6g}"] if sizes else []
+        # Each image's own pixel size, from the manifest (the domain mixes the sources).
+        flags = [
+            "--data.reading.manifest", str((out / MANIFEST).resolve()),
+            "--data.reading.domain_column", "source",
+            "--data.reading.pixel_size_column", PIXEL_SIZE_COLUMN,
+        ]  # fmt: skip
         run = out / "adapt" / f"{domain}_run"
         shutil.rmtree(run, ignore_errors=True)
         adapted = adapt_checkpoint(
