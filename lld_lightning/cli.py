@@ -107,10 +107,11 @@ class LldCLI(LightningCLI):
         if subcommand == "predict":
             parser.add_argument(
                 "--pixel_size_um",
-                type=str | None,
+                type=float | None,
                 default=None,
-                help="Micrometres per pixel of the images (a new microscope), or 'auto' to "
-                "estimate it from them; needs a model trained with data.pixel_size.working.",
+                help="Micrometres per pixel of the images (a new microscope): they are resampled "
+                "to the model's working resolution; needs a model trained with "
+                "data.pixel_size.working.",
             )
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
             # torch < 2.6 loads unsafely by default; a checkpoint of lld needs no Python objects.
@@ -292,68 +293,16 @@ class LldCLI(LightningCLI):
             raise
 
     def before_predict(self) -> None:
-        """Apply ``--pixel_size_um``: a number, or ``auto`` estimated with the checkpoint's model."""
+        """Apply ``--pixel_size_um`` to every predicted image."""
         value = self.config["predict"].get("pixel_size_um")
         if value is None:
             return
-        working = self.datamodule.pixel_size.working
-        if working is None:
+        if self.datamodule.pixel_size.working is None:
             _refuse("predict", f"--pixel_size_um {value}: this model has no working resolution "
                     "(data.pixel_size.working is null, it letterboxes every image)")
-        if value != "auto":
-            try:
-                pixel_size = float(value)
-            except ValueError:
-                pixel_size = float("nan")
-            if not pixel_size > 0:
-                _refuse("predict", f"--pixel_size_um {value!r}: give a positive number or 'auto'")
-            self.datamodule.predict_pixel_size_um = pixel_size
-            return
-        self.datamodule.predict_pixel_size_um = self._estimate_pixel_size()
-
-    def _estimate_pixel_size(self) -> float:
-        """Estimate the predict folder's pixel size with the checkpoint's weights (printed)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        from lld_lightning.data.dataset import LldDataset
-        from lld_lightning.data.scale import estimate_pixel_size
-        from lld_lightning.predictor import load_checkpoint
-
-        ckpt_path = self.config["predict"].get("ckpt_path")
-        if ckpt_path is None:
-            _refuse("predict", "--pixel_size_um auto needs --ckpt_path (a trained model)")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        module = load_checkpoint(ckpt_path, device).module
-        dm = self.datamodule
-        dataset: LldDataset = dm._predict_dataset()
-        images = []
-        for index in range(len(dataset)):
-            sample = dataset[index]
-            if "image" in sample:
-                images.append(sample["image"])
-
-        def detect(batch):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            view = dm.eval_transform(batch)
-            return view, module.detect(view["image"])
-
-        try:
-            estimate = estimate_pixel_size(detect, images, dm.eval_transform)
-        except ValueError as error:
-            _refuse("predict", f"--pixel_size_um auto: {error}")
-        table = Table(title="pixel size search (relative confidence of the cells found)")
-        table.add_column("um per pixel", justify="right")
-        table.add_column("confidence", justify="right")
-        for size, value in estimate.curve.items():
-            table.add_row(f"{size:.4f}", f"{value:.3f}")
-        console = Console(stderr=True)
-        console.print(table)
-        console.print(
-            f"lld predict: estimated pixel size {estimate.pixel_size_um:.4f} um from "
-            f"{estimate.num_images} image(s); the model works at {dm.pixel_size.working} um"
-        )
-        return estimate.pixel_size_um
+        if not value > 0:
+            _refuse("predict", f"--pixel_size_um {value}: give a positive number of micrometres")
+        self.datamodule.predict_pixel_size_um = float(value)
 
     def after_test(self) -> None:
         """Write the test results into the run folder of the tested checkpoint."""

@@ -59,10 +59,10 @@ LLD_ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
 #: LLD domain folder names: ``{H|L}_{100x|40x|10x}_{C1|C2}``.
 LLD_DOMAIN_PATTERN: str = r"^[HL]_(100|40|10)x_C[12]$"
 
-#: Nominal micrometres per pixel of LLD images by objective magnification (the 100x value is
-#: estimated from red-cell diameters in the published 100x fields, see docs/scale.md; the others
-#: scale with the objective). Used for LLD domain folders whose images give no pixel size.
-LLD_PIXEL_SIZE_UM: dict[int, float] = {100: 0.1, 40: 0.25, 10: 1.0}
+#: Nominal micrometres per pixel of LLD images by objective magnification, for LLD domain folders
+#: whose images give none. 100x: red cells (7.5 um) span about 35 pixels in the published 100x
+#: fields (640 x 640, read from one field); 40x and 10x scale that by the objective, unverified.
+LLD_PIXEL_SIZE_UM: dict[int, float] = {100: 0.21, 40: 0.525, 10: 2.1}
 
 #: Name used when an image's domain cannot be discovered.
 DEFAULT_DOMAIN: str = "default"

@@ -33,7 +33,6 @@ from lld_lightning.boxes import nms
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, _to_rgb_array, read_image
 from lld_lightning.data.sample import Batch, collate
-from lld_lightning.data.scale import PixelSizeEstimate, estimate_pixel_size
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.models.postprocess import Detections
 
@@ -230,8 +229,8 @@ def load_image(image: ImageLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     )
 
 
-#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, ``"auto"`` (estimate) or None.
-PixelSizeArg = float | str | None
+#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, or None (unknown).
+PixelSizeArg = float | None
 
 _NO_WORKING_RESOLUTION = (
     "this model has no working resolution (its data.pixel_size.working is null: it letterboxes "
@@ -279,8 +278,7 @@ class Predictor:
         device: where letterbox and ``detect`` run.
         batch_size: images per ``detect`` call.
         working_pixel_size: micrometres per pixel the model works at; images whose pixel size
-            is given (or estimated: ``pixel_size_um="auto"``) are resampled to it instead of
-            letterboxed. None = the model letterboxes.
+            is given are resampled to it instead of letterboxed. None = the model letterboxes.
         fixed_input: ``detect`` takes only ``S x S`` inputs (an exported model): an image
             resampled beyond ``S`` is refused instead of given a larger canvas.
     """
@@ -390,9 +388,8 @@ class Predictor:
 
         Args:
             images: one image or a list of them.
-            pixel_size_um: micrometres per pixel of these images (one microscope), ``"auto"`` to
-                estimate it from them (`estimate_pixel_size`), None = unknown (letterboxed).
-                Only for a model with a working resolution.
+            pixel_size_um: micrometres per pixel of these images (one microscope), None =
+                unknown (letterboxed). Only for a model with a working resolution.
 
         Returns:
             One list of `Cell` per image, in input order (a list of one for a single image).
@@ -419,30 +416,14 @@ class Predictor:
             results.extend(self._detect_batch(loaded[start : start + self.batch_size], pixel_size))
         return results
 
-    def estimate_pixel_size(self, images: ImageLike | Sequence[ImageLike]) -> PixelSizeEstimate:
-        """Estimate the micrometres per pixel of images from one microscope (`estimate_pixel_size`)."""
-        if self.working_pixel_size is None:
-            raise ValueError(_NO_WORKING_RESOLUTION)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        return estimate_pixel_size(
-            lambda batch: self._detect_prepared(batch),
-            [load_image(x) for x in items],
-            self.letterbox,
-            self.min_score,
-        )
-
     def _pixel_size(self, images: list[Tensor], pixel_size_um: PixelSizeArg) -> float | None:
         if pixel_size_um is None:
             return None
         if self.working_pixel_size is None:
             raise ValueError(_NO_WORKING_RESOLUTION)
-        if pixel_size_um == "auto":
-            return estimate_pixel_size(
-                self._detect_prepared, images, self.letterbox, self.min_score
-            ).pixel_size_um
         value = float(pixel_size_um)
         if not value > 0:
-            raise ValueError(f"pixel_size_um must be a positive number or 'auto', got {pixel_size_um!r}")
+            raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
         return value
 
     def _detect_prepared(self, batch: Batch) -> tuple[Batch, list[Detections]]:

@@ -248,30 +248,6 @@ def test_loso_fits_without_each_source_and_tests_on_all(tmp_path: Path, monkeypa
         assert row["in_source"]["map"] == pytest.approx(expected)
 
 
-def test_scale_estimates_each_domain_clean_and_zoomed(yolo_run, capsys) -> None:
-    import torch
-
-    work, args = yolo_run
-    last = work / "train" / "latest" / "checkpoints" / "last.ckpt"
-    with pytest.raises(SystemExit):  # the tiny model letterboxes: nothing to estimate
-        main(["scale", *args, "--ckpt_path", str(last), "--out", str(work / "scale")])
-    assert "has no working resolution" in capsys.readouterr().err
-    checkpoint = torch.load(last, weights_only=True)
-    checkpoint["datamodule_hyper_parameters"]["pixel_size"] = {"working": PIXEL_SIZE_UM}
-    torch.save(checkpoint, work / "working.ckpt")
-    argv = ["--ckpt_path", str(work / "working.ckpt"), "--out", str(work / "scale")]
-    # An untrained model scores little: every detection counts (the plumbing is under test).
-    document = main(["scale", *args, *argv, "--images", "2", "--severities", "3", "--min_score", "0"])
-    rows = {row["variant"]: row for row in document["rows"]}
-    assert set(rows) == {CLEAN, "scale-3"}
-    assert rows[CLEAN]["known_um"] == pytest.approx(PIXEL_SIZE_UM)
-    assert rows["scale-3"]["known_um"] == pytest.approx(PIXEL_SIZE_UM / SCALE_FACTORS[3])
-    for row in rows.values():
-        assert row["images"] == 2 and row["estimate_um"] > 0
-        assert row["error"] == pytest.approx(row["estimate_um"] / row["known_um"] - 1)
-    assert json.loads((work / "scale" / "pixel_size.json").read_text())["rows"] == document["rows"]
-
-
 def test_shifts_with_adapt_tests_each_domain_with_its_own_adapted_checkpoint(yolo_run) -> None:
     work, args = yolo_run
     out = work / "adapted"

@@ -1,4 +1,4 @@
-"""Physical scale: pixel sizes from the data, resampling to a working resolution, the estimate."""
+"""Physical scale: pixel sizes from the data, resampling to a working resolution, predicting at one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from lld_lightning.data.datamodule import LldDataModule, PixelSize, ReadOptions
 from lld_lightning.data.errors import DataError
 from lld_lightning.data.records import ImageRecord
 from lld_lightning.data.sample import collate
-from lld_lightning.data.scale import estimate_pixel_size
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.predictor import Predictor, collate_images
 from tests.conftest import TXL_PBC
@@ -23,8 +22,6 @@ from tests.conftest import TXL_PBC
 WORKING = 0.1  # micrometres per pixel of the model in these tests
 #: A PBC test image of TXL-PBC (one neutrophil in the middle of red cells).
 PBC_IMAGE = TXL_PBC / "images" / "test" / "0e7d7e94-bb72-5813-92cd-df08a161f8b1.jpg"
-#: Size in working pixels at which the stand-in detector below is most confident.
-NUCLEUS_SIZE = 60.0
 
 
 def _record(domain: str, pixel_size: float | None = None) -> ImageRecord:
@@ -35,8 +32,8 @@ def test_pixel_size_comes_from_the_image_then_domain_then_objective_then_default
     sizes = PixelSize(working=0.1, by_domain={"scope_a": 0.2}, default=0.5)
     assert sizes.of(_record("scope_a", 0.3)) == 0.3
     assert sizes.of(_record("scope_a")) == 0.2
-    assert sizes.of(_record("H_40x_C1")) == 0.25
-    assert sizes.of(_record("H_100x_C2")) == 0.1
+    assert sizes.of(_record("H_40x_C1")) == 0.525
+    assert sizes.of(_record("H_100x_C2")) == 0.21
     assert sizes.of(_record("elsewhere")) == 0.5
     assert PixelSize().of(_record("elsewhere")) is None
     with pytest.raises(ValueError, match="pixel_size.working"):
@@ -156,9 +153,8 @@ def test_training_crops_are_taken_at_the_working_resolution() -> None:
 
 # --------------------------------------------------------------------------- real image, 3 scales
 def _nuclei(view: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The box around the dark purple nucleus in a working view, and how sure a detector tuned
-    to `NUCLEUS_SIZE` working pixels would be (a stand-in for a trained model, which these tests
-    cannot afford: it exercises the resampling and the search, not detection)."""
+    """The box around the dark purple nucleus in a working view (a stand-in for a trained model,
+    which these tests cannot afford: it exercises the resampling, not detection)."""
     mask = (view[1] < 0.3) & (view[0] < 0.75)  # green low, red not high: haematoxylin
     ys, xs = torch.nonzero(mask, as_tuple=True)
     if ys.numel() < 20:
@@ -166,9 +162,7 @@ def _nuclei(view: torch.Tensor) -> tuple[torch.Tensor, float]:
     # The 1st and 99th percentiles: a few dark pixels elsewhere do not move the box.
     low = torch.quantile(torch.stack([xs, ys]).float(), 0.01, dim=1)
     high = torch.quantile(torch.stack([xs, ys]).float(), 0.99, dim=1) + 1
-    box = torch.cat([low, high])
-    side = float(((box[2] - box[0]) * (box[3] - box[1])).sqrt())
-    return box[None], math.exp(-(math.log2(side / NUCLEUS_SIZE) ** 2) / (2 * 0.3**2))
+    return torch.cat([low, high])[None], 1.0
 
 
 def _stand_in_detect(images: torch.Tensor) -> list[dict]:
@@ -218,31 +212,6 @@ def test_the_same_cell_is_found_at_half_one_and_twice_the_resolution() -> None:
     # The nucleus is about 60 px across: a few pixels of resampling blur at most.
     assert np.abs(found[0.5] - found[1.0]).max() < 4.0
     assert np.abs(found[2.0] - found[1.0]).max() < 4.0
-
-
-def test_the_estimate_follows_the_resolution_of_the_copies() -> None:
-    predictor = _predictor()
-    estimates = {
-        factor: predictor.estimate_pixel_size([copy]).pixel_size_um
-        for factor, copy in _copies().items()
-    }
-    # The copies' pixel sizes halve and double: so must the estimates (within 10 %).
-    assert estimates[0.5] / estimates[1.0] == pytest.approx(2.0, rel=0.1)
-    assert estimates[2.0] / estimates[1.0] == pytest.approx(0.5, rel=0.1)
-    # "auto" uses the same estimate, then predicts at it.
-    auto = predictor(list(_copies().values())[1], pixel_size_um="auto")[0]
-    assert len(auto) == 1
-
-
-def test_estimate_refuses_images_where_nothing_is_found() -> None:
-    transform = DeviceAugmentation(64, train=False, working_pixel_size=WORKING)
-
-    def detect(batch):
-        view = transform(batch)
-        return view, [{"scores": torch.zeros(0)} for _ in range(view["image"].shape[0])]
-
-    with pytest.raises(ValueError, match="no cell scored 0.3 or more"):
-        estimate_pixel_size(detect, [torch.zeros(3, 20, 20, dtype=torch.uint8)], transform)
 
 
 def test_a_letterboxing_model_refuses_a_pixel_size() -> None:

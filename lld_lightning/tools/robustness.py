@@ -3,8 +3,6 @@
 ``shifts``: the config's test images under every shift of `lld_lightning.data.shifts` at every
 severity, written as one plain-YOLO dataset (one domain per ``<shift>-<severity>``, plus
 ``clean``), then one ``lld test`` of the checkpoint on it, so every shift is a test domain.
-``scale``: each test domain's pixel size estimated (`lld_lightning.data.scale`) from its images,
-clean and under the ``scale`` shift, against the pixel size the data gives.
 ``loso``: for each source (domain) of the config's data, ``lld fit`` on the other sources, then
 ``lld test`` on all of them: the held-out source against the sources trained on.
 
@@ -41,7 +39,6 @@ from lld_lightning.data.errors import DataError, error_message
 from lld_lightning.data.images import read_image
 from lld_lightning.data.records import ImageRecord
 from lld_lightning.data.shifts import (
-    SCALE_FACTORS,
     SEVERITIES,
     SHIFTS,
     apply_shift,
@@ -63,8 +60,6 @@ MARKER = "shifts.json"
 ROBUSTNESS_JSON = "robustness.json"
 #: The chart ``shifts`` writes into ``--out``.
 ROBUSTNESS_PNG = "robustness.png"
-#: The summary ``scale`` writes into ``--out``.
-SCALE_JSON = "pixel_size.json"
 #: The summary ``loso`` writes into ``--out``.
 LOSO_JSON = "loso.json"
 #: Name of the checkpoint copy the test of ``shifts`` runs, inside ``<out>/run/checkpoints``.
@@ -473,97 +468,6 @@ def _shifted_test_args(config_args: list[str], out: Path, datamodule: Any) -> li
     ]  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------- scale
-def run_scale(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
-    """The ``scale`` protocol: each test domain's pixel size estimated from its images (clean,
-    and under the ``scale`` shifts) against the one the data gives; returns pixel_size.json."""
-    import torch
-
-    from lld_lightning.predictor import Predictor
-
-    config_args = [arg for path in args.config for arg in ("--config", path)] + lld_args
-    loaded = load_data(config_args)
-    root = loaded.config.get("trainer", {}).get("default_root_dir") or "runs/default"
-    ckpt = resolve_checkpoint(args.ckpt_path, root)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = Predictor.from_checkpoint(ckpt, device=device, min_score=args.min_score)
-    if predictor.working_pixel_size is None:
-        raise ToolError(f"{ckpt}: the model has no working resolution (it letterboxes): nothing to estimate")
-    records = _test_records(loaded.datamodule)
-    by_domain: dict[str, list[ImageRecord]] = {}
-    for record in records:
-        by_domain.setdefault(record.domain, []).append(record)
-    variants = [(CLEAN, 0, 1.0)] + [
-        (_domain("scale", v), v, SCALE_FACTORS[v]) for v in sorted(set(args.severities))
-    ]
-    rows = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("estimating pixel sizes", total=len(by_domain) * len(variants))
-        for domain, chosen in sorted(by_domain.items()):
-            step = len(chosen) / min(len(chosen), args.images)
-            sample = [chosen[int(i * step)] for i in range(min(len(chosen), args.images))]
-            known = [r.pixel_size_um for r in sample if r.pixel_size_um is not None]
-            images = [read_image(r.path).permute(1, 2, 0).numpy() for r in sample]
-            for name, severity, factor in variants:
-                shifted = images
-                if severity:
-                    shifted = [
-                        apply_shift(
-                            "scale", severity, image, r.boxes_xyxy, r.labels,
-                            shift_seed("scale", severity, i),
-                        ).image
-                        for i, (image, r) in enumerate(zip(images, sample, strict=True))
-                    ]  # fmt: skip
-                try:
-                    estimate = predictor.estimate_pixel_size(shifted).pixel_size_um
-                except ValueError as error:
-                    raise ToolError(f"domain {domain}, {name}: {error}") from None
-                truth = float(np.median(known)) / factor if known else None
-                rows.append(
-                    {
-                        "domain": domain,
-                        "variant": name,
-                        "cell_scale": factor,
-                        "images": len(sample),
-                        "known_um": truth,
-                        "estimate_um": estimate,
-                        "error": None if truth is None else estimate / truth - 1.0,
-                    }
-                )
-                progress.advance(task)
-    table = Table(title=f"pixel size estimated from {args.images} test images per domain (um per pixel)")
-    table.add_column("domain")
-    for name, _, _ in variants:
-        table.add_column(name, justify="right")
-    for domain in sorted(by_domain):
-        cells = []
-        for name, _, _ in variants:
-            row = next(r for r in rows if r["domain"] == domain and r["variant"] == name)
-            error = "" if row["error"] is None else f" ({100 * row['error']:+.0f}%)"
-            known = "?" if row["known_um"] is None else f"{row['known_um']:.4f}"
-            cells.append(f"{row['estimate_um']:.4f} vs {known}{error}")
-        table.add_row(domain, *cells)
-    errors = [abs(r["error"]) for r in rows if r["error"] is not None]
-    document = {
-        "checkpoint": str(ckpt),
-        "working_um": predictor.working_pixel_size,
-        "rows": rows,
-        "median_abs_error": float(np.median(errors)) if errors else None,
-        "max_abs_error": max(errors) if errors else None,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SCALE_JSON).write_text(json.dumps(document, indent=2) + "\n")
-    console = Console()
-    console.print(table)
-    if errors:
-        console.print(
-            f"robustness scale: median error {100 * document['median_abs_error']:.1f}%, largest "
-            f"{100 * document['max_abs_error']:.1f}%; {out / SCALE_JSON}"
-        )
-    return document
-
-
 # -------------------------------------------------------------------------------------- loso
 def _folder_name(source: str) -> str:
     return re.sub(r"[^\w.-]", "_", source)
@@ -662,7 +566,7 @@ def run_loso(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The ``shifts``, ``scale`` and ``loso`` subcommands."""
+    """The ``shifts`` and ``loso`` subcommands."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False
     )
@@ -673,14 +577,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="test a checkpoint on the test images under every shift and severity",
         description="Write the test images under every shift and severity as one YOLO dataset "
         "(one domain each), then `lld test` the checkpoint on it.",
-        epilog=epilog,
-        allow_abbrev=False,
-    )
-    scale = commands.add_parser(
-        "scale",
-        help="estimate each test domain's pixel size, clean and under the scale shifts",
-        description="Estimate the pixel size of each test domain from its images (clean and "
-        "zoomed by the scale shift) with the checkpoint's model, against the one the data gives.",
         epilog=epilog,
         allow_abbrev=False,
     )
@@ -721,27 +617,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="known: each image's pixel size (divided by the shift's cell-size factor) goes in "
         "the manifest; unknown: the column stays empty",
     )  # fmt: skip
-    for sub in (scale,):
-        sub.add_argument(
-            "--config", action="append", required=True,
-            help="lld config file (repeat for overlays), as for `lld --config`",
-        )  # fmt: skip
-        sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument(
-            "--ckpt_path", required=True,
-            help="checkpoint; best or last: of the latest run in --trainer.default_root_dir",
-        )  # fmt: skip
-    scale.add_argument(
-        "--images", type=int, default=8, help="test images per domain the estimate uses"
-    )
-    scale.add_argument(
-        "--min_score", type=float, default=0.3,
-        help="detections below this score do not count in the estimate (lld predict's default)",
-    )  # fmt: skip
-    scale.add_argument(
-        "--severities", nargs="+", type=int, choices=SEVERITIES, default=list(SEVERITIES),
-        help="the severities of the scale shift to estimate under",
-    )  # fmt: skip
     loso.add_argument(
         "--sources",
         nargs="+",
@@ -760,8 +635,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if args.command == "shifts":
             return run_shifts(args, lld_args)
-        if args.command == "scale":
-            return run_scale(args, lld_args)
         return run_loso(args, lld_args)
     except ToolError as error:
         print(f"robustness {args.command}: {error}", file=sys.stderr)
