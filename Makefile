@@ -56,7 +56,7 @@ shifts: CKPT ?= runs/txl/latest/checkpoints/best.ckpt
 shifts: OUT ?= runs/shifts
 loso: OUT ?= runs/loso
 
-shifts: install          ## shifted-microscopes suite: test CKPT on CONFIG's test images under 6 shifts x 3 severities
+shifts: install          ## shifted-microscopes suite: test CKPT on CONFIG's test images under 7 shifts (6, and all at once) x 3 severities
 	$(PY) -m lld_lightning.tools.robustness shifts --config $(CONFIG) --ckpt_path $(CKPT) --out $(OUT) $(ROBUSTNESS_ARGS)
 
 loso: install            ## leave one source out: for each source of CONFIG, fit on the others, test on all
