@@ -410,13 +410,13 @@ class Predictor:
         ``pixel_size_um`` as in `__call__`."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         loaded = [load_image(x) for x in items]
-        pixel_size = self._pixel_size(loaded, pixel_size_um)
+        pixel_size = self._pixel_size(pixel_size_um)
         results: list[Detections] = []
         for start in range(0, len(loaded), self.batch_size):
             results.extend(self._detect_batch(loaded[start : start + self.batch_size], pixel_size))
         return results
 
-    def _pixel_size(self, images: list[Tensor], pixel_size_um: PixelSizeArg) -> float | None:
+    def _pixel_size(self, pixel_size_um: PixelSizeArg) -> float | None:
         if pixel_size_um is None:
             return None
         if self.working_pixel_size is None:
