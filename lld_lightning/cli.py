@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ from lld_lightning.callbacks.checkpoint import (
     run_folder_of,
 )
 from lld_lightning.callbacks.predict_writer import PredictionWriter
-from lld_lightning.data.datamodule import LldDataModule
+from lld_lightning.data.datamodule import AUTO_PIXEL_SIZE, LldDataModule
 from lld_lightning.data.errors import DataError
 from lld_lightning.metrics import EvaluationDetails
 from lld_lightning.metrics.results import PLOTS_DIR, write_test_outputs
@@ -107,10 +107,11 @@ class LldCLI(LightningCLI):
         if subcommand == "predict":
             parser.add_argument(
                 "--pixel_size_um",
-                type=float | None,
+                type=float | Literal["auto"] | None,
                 default=None,
                 help="Micrometres per pixel of the images (a new microscope): they are resampled "
-                "to the model's working resolution; needs a model trained with "
+                "to the model's working resolution. 'auto': measured from the red cells of each "
+                "domain whose size the data does not give. Needs a model trained with "
                 "data.pixel_size.working.",
             )
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, []):
@@ -300,6 +301,9 @@ class LldCLI(LightningCLI):
         if self.datamodule.pixel_size.working is None:
             _refuse("predict", f"--pixel_size_um {value}: this model has no working resolution "
                     "(data.pixel_size.working is null, it letterboxes every image)")
+        if value == AUTO_PIXEL_SIZE:
+            self.datamodule.predict_pixel_size_um = AUTO_PIXEL_SIZE
+            return
         if not value > 0:
             _refuse("predict", f"--pixel_size_um {value}: give a positive number of micrometres")
         self.datamodule.predict_pixel_size_um = float(value)

@@ -64,5 +64,9 @@ LLD_DOMAIN_PATTERN: str = r"^[HL]_(100|40|10)x_C[12]$"
 #: fields (640 x 640, read from one field); 40x and 10x scale that by the objective, unverified.
 LLD_PIXEL_SIZE_UM: dict[int, float] = {100: 0.21, 40: 0.525, 10: 2.1}
 
+#: Diameter of a normal red cell in micrometres (7-8 um in a dried, stained film): the ruler that
+#: `lld_lightning.data.red_cells` reads a microscope's pixel size with.
+RED_CELL_DIAMETER_UM: float = 7.5
+
 #: Name used when an image's domain cannot be discovered.
 DEFAULT_DOMAIN: str = "default"

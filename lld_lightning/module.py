@@ -284,7 +284,8 @@ class LldModule(L.LightningModule):
             results.append({**{k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                                for k, v in pred.items()},
                             "boxes": boxes.detach().float().cpu(), "path": batch["path"][i],
-                            "domain": batch["domain"][i], "width": w, "height": h})
+                            "domain": batch["domain"][i], "width": w, "height": h,
+                            "pixel_size_um": float(batch["pixel_size_um"][i])})
         return results
 
     # --------------------------------------------------------------------------- optimiser

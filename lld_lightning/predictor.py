@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor
 from lld_lightning.boxes import nms
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, _to_rgb_array, read_image
+from lld_lightning.data.red_cells import PixelSizeEstimate, estimate_pixel_size
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.models.postprocess import Detections
@@ -229,8 +230,11 @@ def load_image(image: ImageLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     )
 
 
-#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, or None (unknown).
-PixelSizeArg = float | None
+#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, `AUTO` (measured from the images'
+#: red cells) or None (unknown).
+PixelSizeArg = float | Literal["auto"] | None
+#: ``pixel_size_um="auto"``: measure the pixel size of the images from their red cells.
+AUTO = "auto"
 
 _NO_WORKING_RESOLUTION = (
     "this model has no working resolution (its data.pixel_size.working is null: it letterboxes "
@@ -309,6 +313,8 @@ class Predictor:
         self.batch_size = batch_size
         self.working_pixel_size = working_pixel_size
         self.fixed_input = fixed_input
+        #: What the last ``pixel_size_um="auto"`` call measured.
+        self.pixel_size_estimate: PixelSizeEstimate | None = None
         self.letterbox = DeviceAugmentation(
             self.image_size, False, Augmentation(fill=fill), working_pixel_size=working_pixel_size
         )
@@ -389,7 +395,9 @@ class Predictor:
         Args:
             images: one image or a list of them.
             pixel_size_um: micrometres per pixel of these images (one microscope), None =
-                unknown (letterboxed). Only for a model with a working resolution.
+                unknown (letterboxed), ``"auto"`` = measured from their red cells (all of them
+                pooled: give images of one microscope; the result is kept in
+                `pixel_size_estimate`). Only for a model with a working resolution.
 
         Returns:
             One list of `Cell` per image, in input order (a list of one for a single image).
@@ -410,17 +418,20 @@ class Predictor:
         ``pixel_size_um`` as in `__call__`."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         loaded = [load_image(x) for x in items]
-        pixel_size = self._pixel_size(pixel_size_um)
+        pixel_size = self._pixel_size(pixel_size_um, loaded)
         results: list[Detections] = []
         for start in range(0, len(loaded), self.batch_size):
             results.extend(self._detect_batch(loaded[start : start + self.batch_size], pixel_size))
         return results
 
-    def _pixel_size(self, pixel_size_um: PixelSizeArg) -> float | None:
+    def _pixel_size(self, pixel_size_um: PixelSizeArg, images: list[Tensor]) -> float | None:
         if pixel_size_um is None:
             return None
         if self.working_pixel_size is None:
             raise ValueError(_NO_WORKING_RESOLUTION)
+        if isinstance(pixel_size_um, str) and pixel_size_um == AUTO:
+            self.pixel_size_estimate = estimate_pixel_size(images)
+            return self.pixel_size_estimate.pixel_size_um
         value = float(pixel_size_um)
         if not value > 0:
             raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")

@@ -261,3 +261,35 @@ def test_shifts_with_adapt_tests_each_domain_with_its_own_adapted_checkpoint(yol
         assert set(tested["domains"]) == {domain}  # each adapted model saw only its domain
     assert document[CLEAN]["num_images"] == 2
     assert document["shifts"]["colour"]["2"]["num_images"] == 2
+
+
+def test_pixel_size_measures_each_test_domain_as_given_resized_and_shifted(tmp_path: Path) -> None:
+    from tests.test_red_cells import _film
+
+    data = tmp_path / "data"
+    rows = []
+    for index, split in enumerate(("train", "test", "test")):
+        (data / "images" / split).mkdir(parents=True, exist_ok=True)
+        (data / "labels" / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_film(40.0, seed=index)).save(data / "images" / split / f"f{index}.png")
+        (data / "labels" / split / f"f{index}.txt").write_text("")
+        rows.append(f"{split},f{index}.png,lab,{7.5 / 41:.6f}")  # drawn discs fill 41 px
+    (data / "manifest.csv").write_text("split,file,source,pixel_size_um\n" + "\n".join(rows) + "\n")
+    overlay = tmp_path / "drawn.yaml"
+    overlay.write_text(
+        f"data:\n  root: {data}\n  format: yolo\n  class_names: [WBC, RBC]\n"
+        "  reading:\n    manifest: manifest.csv\n    domain_column: source\n"
+    )
+    out = tmp_path / "out"
+    document = main([
+        "pixel_size", "--config", TINY, "--config", str(overlay), "--out", str(out),
+        "--shifts", "colour", "--severities", "1",
+    ])  # fmt: skip
+    pooled = document["pooled"]["lab"]
+    assert list(pooled) == ["as given", "resized 0.5x", "resized 2x", "colour-1"]
+    for variant, row in pooled.items():
+        assert row["images"] == 2 and row["cells"] > 10, variant
+        assert abs(row["error"]) < 0.1, variant
+    assert pooled["resized 2x"]["truth_um"] == pytest.approx(7.5 / 41 / 2, rel=1e-4)
+    assert document["single_image"]["lab"]["images"] == 2
+    assert json.loads((out / "pixel_size.json").read_text()) == document

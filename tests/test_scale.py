@@ -361,3 +361,75 @@ def test_a_manifest_gives_predicted_images_their_domain_and_pixel_size(tmp_path:
     records = {r.path.name: r for r in datamodule.predict_set.records}
     assert (records["a.png"].domain, records["a.png"].pixel_size_um) == ("scope_x", 0.3)
     assert records["b.png"].pixel_size_um == 0.2  # not listed: the default
+
+
+# ------------------------------------------------------------------- pixel size measured: auto
+def test_the_same_cell_is_found_at_three_resolutions_with_the_pixel_size_measured() -> None:
+    predictor = _predictor()
+    found, measured = {}, {}
+    for factor, copy in _copies().items():
+        cells = predictor(copy, pixel_size_um="auto")[0]
+        assert len(cells) == 1
+        found[factor] = np.array(cells[0].box) / factor
+        measured[factor] = predictor.pixel_size_estimate.pixel_size_um * factor
+    # One physical size within a few percent whatever the resolution: the view differs by that
+    # much, so the nucleus box by a few pixels more than with the size given.
+    assert measured[0.5] == pytest.approx(measured[1.0], rel=0.06)
+    assert measured[2.0] == pytest.approx(measured[1.0], rel=0.06)
+    assert np.abs(found[0.5] - found[1.0]).max() < 6.0
+    assert np.abs(found[2.0] - found[1.0]).max() < 6.0
+
+
+def test_a_letterboxing_model_refuses_auto() -> None:
+    predictor = Predictor(_stand_in_detect, ["WBC"], {}, image_size=64)
+    with pytest.raises(ValueError, match="no working resolution"):
+        predictor(np.zeros((8, 8, 3), dtype=np.uint8), pixel_size_um="auto")
+
+
+def test_lld_predict_measures_each_domain_pixel_size(
+    checkpoints: dict[str, Path], tiny_synthetic: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "scopes"
+    folder.mkdir()
+    copies = _copies()
+    for factor in (1.0, 2.0):
+        Image.fromarray(copies[factor]).save(folder / f"x{factor:g}.png")
+    (folder / "given.png").write_bytes((folder / "x1.png").read_bytes())
+    manifest = tmp_path / "scopes.csv"
+    manifest.write_text(
+        "file,source,pixel_size_um\nx1.png,scope_a,\nx2.png,scope_b,\ngiven.png,scope_c,0.3\n"
+    )
+    _predict(
+        checkpoints["working"], tiny_synthetic, folder, tmp_path,
+        "--pixel_size_um", "auto", "--data.reading.manifest", str(manifest),
+    )  # fmt: skip
+    images = json.loads((tmp_path / "pred" / "detections.json").read_text())["images"]
+    sizes = {Path(i["file_name"]).name: i["pixel_size_um"] for i in images}
+    assert sizes["given.png"] == 0.3  # the manifest's size is kept, not measured
+    assert sizes["x2.png"] * 2 == pytest.approx(sizes["x1.png"], rel=0.06)
+    assert sizes["x1.png"] == pytest.approx(0.1064, rel=0.15)  # configs/txl.yaml's PBC size
+
+
+def test_lld_predict_auto_without_red_cells_says_what_to_do(
+    checkpoints: dict[str, Path], tiny_synthetic: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "blank"
+    folder.mkdir()
+    Image.new("RGB", (120, 90), (230, 225, 220)).save(folder / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(checkpoints["working"], tiny_synthetic, folder, tmp_path, "--pixel_size_um", "auto")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no red cells to measure" in err and "--pixel_size_um 0.2" in err
+
+
+def test_lld_predict_refuses_auto_for_a_letterboxing_model(
+    checkpoints: dict[str, Path], tiny_synthetic: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = next(tiny_synthetic.rglob("images/test"))
+    with pytest.raises(SystemExit):
+        _predict(checkpoints["letterbox"], tiny_synthetic, folder, tmp_path, "--pixel_size_um", "auto")
+    assert "has no working resolution" in capsys.readouterr().err

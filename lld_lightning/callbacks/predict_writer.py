@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,15 +132,17 @@ class PredictionWriter(BasePredictionWriter):
                 for k, v in pred.items()
                 if hasattr(v, "shape") and v.shape[:1] == pred["scores"].shape
             }
-            coco["images"].append(
-                {
-                    "id": image_id,
-                    "file_name": str(pred["path"]),
-                    "width": pred["width"],
-                    "height": pred["height"],
-                    "domain": pred["domain"],
-                }
-            )
+            entry = {
+                "id": image_id,
+                "file_name": str(pred["path"]),
+                "width": pred["width"],
+                "height": pred["height"],
+                "domain": pred["domain"],
+            }
+            pixel_size = pred.get("pixel_size_um", math.nan)
+            if math.isfinite(pixel_size):  # the field write_coco writes and read_coco reads
+                entry["pixel_size_um"] = round(float(pixel_size), 6)
+            coco["images"].append(entry)
             for j in range(len(cells["scores"])):
                 x1, y1, x2, y2 = (round(float(v), 2) for v in cells["boxes"][j])
                 label = int(cells["labels"][j])

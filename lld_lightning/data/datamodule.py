@@ -36,8 +36,19 @@ from lld_lightning.data.domains import (
 from lld_lightning.data.errors import DataError, DataReport, OnError
 from lld_lightning.data.formats.load import load_records, summarize_records
 from lld_lightning.data.formats.options import FormatOptions
-from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_EXTENSIONS, probe_image
+from lld_lightning.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    probe_image,
+    read_image,
+)
 from lld_lightning.data.records import ImageRecord
+from lld_lightning.data.red_cells import (
+    MAX_IMAGES,
+    NoRedCellsError,
+    PixelSizeEstimate,
+    estimate_pixel_size,
+)
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.sparse import simulate_sparse
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation
@@ -50,6 +61,10 @@ NOT_AN_IMAGE: str = "not an image"
 
 #: The batch keys that the teacher's view repeats, as ``teacher_<key>``.
 TEACHER_KEYS: tuple[str, ...] = ("image", "transform", "boxes", "labels", "regions", "region_valid")
+
+#: ``predict_pixel_size_um`` (``lld predict --pixel_size_um auto``): measure each domain's pixel
+#: size from its red cells.
+AUTO_PIXEL_SIZE = "auto"
 
 
 @dataclass(frozen=True)
@@ -253,8 +268,11 @@ class LldDataModule(L.LightningDataModule):
         self.predict_root = predict_root
         self.pixel_size = pixel_size
         #: The pixel size of every image ``lld predict`` reads (``--pixel_size_um``), None = as
-        #: `pixel_size` says.
-        self.predict_pixel_size_um: float | None = None
+        #: `pixel_size` says, `AUTO_PIXEL_SIZE` = measured from the red cells of each domain
+        #: whose size `pixel_size` does not give.
+        self.predict_pixel_size_um: float | Literal["auto"] | None = None
+        #: What `AUTO_PIXEL_SIZE` measured, by domain (filled when the predict data is set up).
+        self.estimated_pixel_sizes: dict[str, PixelSizeEstimate] = {}
         self.report = DataReport(on_error=reading.on_error)
         # What the loaders skip while a stage runs (undecodable images, files `lld predict` cannot
         # read); printed and reset at the end of the stage (`teardown`).
@@ -478,14 +496,54 @@ class LldDataModule(L.LightningDataModule):
                 record.pixel_size_um = manifest_pixel_size(
                     manifest, row, self.reading.pixel_size_column
                 )
-            record.pixel_size_um = self.predict_pixel_size_um or self.pixel_size.of(record)
+            given = self.predict_pixel_size_um
+            if given is not None and given != AUTO_PIXEL_SIZE:
+                record.pixel_size_um = float(given)
+            else:
+                record.pixel_size_um = self.pixel_size.of(record)
             records.append(record)
         if not records:
             lines = "; ".join(self.skip_report.summary_lines()) or "the folder is empty"
             raise DataError.at(folder, f"no readable images: {lines}")
+        if self.predict_pixel_size_um == AUTO_PIXEL_SIZE:
+            self._estimate_pixel_sizes(records, folder)
         if self.pixel_size.working is None:
             self._warn_shrunk(records)
         return self._dataset(records, on_error="skip")
+
+    def _estimate_pixel_sizes(self, records: list[ImageRecord], folder: Path) -> None:
+        """Give each domain's images without a pixel size the one measured from their red cells
+        (`estimate_pixel_size`, up to `MAX_IMAGES` of them, evenly spaced)."""
+        unknown: dict[str, list[ImageRecord]] = {}
+        for record in records:
+            if record.pixel_size_um is None:
+                unknown.setdefault(record.domain, []).append(record)
+        console = Console(stderr=True)
+        for domain, group in sorted(unknown.items()):
+            step = max(1.0, len(group) / MAX_IMAGES)
+            images = []
+            for record in (group[int(i * step)] for i in range(min(len(group), MAX_IMAGES))):
+                try:
+                    images.append(read_image(record.path, self.reading.max_image_pixels))
+                except DataError:  # the loader skips and lists it; the others still measure
+                    continue
+            try:
+                estimate = estimate_pixel_size(images)
+            except NoRedCellsError:
+                raise DataError.at(
+                    folder,
+                    f"--pixel_size_um auto: no red cells to measure in {len(images)} image(s) "
+                    f"of domain {domain!r}; give the pixel size (--pixel_size_um 0.2) or list it "
+                    "in a manifest",
+                ) from None
+            self.estimated_pixel_sizes[domain] = estimate
+            for record in group:
+                record.pixel_size_um = estimate.pixel_size_um
+            console.print(
+                f"pixel size of {domain!r}: {estimate.pixel_size_um:.4g} um measured from "
+                f"{estimate.cells} cells in {estimate.images} image(s) (red cells "
+                f"{estimate.diameter_px:.0f} px across)"
+            )
 
     def _predict_manifest(self) -> Manifest | None:
         """``reading.manifest`` when it is an absolute path or exists under ``root``: it may give

@@ -5,6 +5,9 @@ severity, written as one plain-YOLO dataset (one domain per ``<shift>-<severity>
 ``clean``), then one ``lld test`` of the checkpoint on it, so every shift is a test domain.
 ``loso``: for each source (domain) of the config's data, ``lld fit`` on the other sources, then
 ``lld test`` on all of them: the held-out source against the sources trained on.
+``pixel_size``: the red-cell pixel-size estimate (`lld_lightning.data.red_cells`) of each test
+domain, as given, resized to half and twice its size, and under every shift, against the pixel
+size the data gives (no model involved).
 
 Other arguments (``--data.*``, ``--trainer.*``, ...) go to every ``lld`` command as typed.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -64,6 +68,10 @@ ROBUSTNESS_PNG = "robustness.png"
 LOSO_JSON = "loso.json"
 #: Name of the checkpoint copy the test of ``shifts`` runs, inside ``<out>/run/checkpoints``.
 TESTED_CHECKPOINT = "tested.ckpt"
+#: The summary ``pixel_size`` writes into ``--out``.
+PIXEL_SIZE_JSON = "pixel_size.json"
+#: The resized copies ``pixel_size`` measures besides the images as given.
+RESIZES: tuple[float, ...] = (0.5, 2.0)
 #: The metrics each protocol reports per scope: (results.json key, column name).
 METRICS: tuple[tuple[str, str], ...] = (("map_50", "mAP@.5"), ("map", "mAP"))
 
@@ -564,9 +572,135 @@ def run_loso(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
     return document
 
 
+# ------------------------------------------------------------------------------ pixel size
+def _resized(image: np.ndarray, factor: float) -> np.ndarray:
+    height, width = image.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+def _relative_error(estimate: float, truth: float) -> float:
+    return estimate / truth - 1.0
+
+
+def pixel_size_variants(shifts: list[str], severities: list[int]) -> list[tuple[str, float, int]]:
+    """(name, resize factor, severity) of every measured variant: as given, resized, shifted."""
+    variants = [("as given", 1.0, 0)] + [(f"resized {f:g}x", f, 0) for f in RESIZES]
+    return variants + [(_domain(s, v), 1.0, v) for s in shifts for v in severities]
+
+
+def run_pixel_size(args: argparse.Namespace, lld_args: list[str]) -> dict[str, Any]:
+    """The ``pixel_size`` protocol (see the module docstring); returns the pixel_size.json content."""
+    import torch
+
+    from lld_lightning.constants import RED_CELL_DIAMETER_UM
+    from lld_lightning.data.red_cells import (
+        MAX_IMAGES,
+        median_red_cell_diameter,
+        red_cell_diameters,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"--out {out} is a file, not a folder")
+    config_args = [arg for path in args.config for arg in ("--config", path)] + lld_args
+    datamodule = load_data(config_args).datamodule
+    by_domain: dict[str, list[ImageRecord]] = {}
+    for record in _test_records(datamodule):
+        if record.pixel_size_um is None:
+            raise ToolError(
+                f"{record.path}: no pixel size to compare with (give data.pixel_size.by_domain)"
+            )
+        by_domain.setdefault(record.domain, []).append(record)
+    variants = pixel_size_variants(args.shifts, args.severities)
+    results: dict[str, dict[str, Any]] = {}
+    per_image: dict[str, list[float]] = {}
+    with Progress(transient=True) as progress:
+        total = sum(min(len(r), args.images) for r in by_domain.values()) * len(variants)
+        task = progress.add_task("measuring red cells", total=total)
+        for domain, records in sorted(by_domain.items()):
+            step = max(1.0, len(records) / args.images)
+            chosen = [records[int(i * step)] for i in range(min(len(records), args.images))]
+            images = [read_image(r.path).permute(1, 2, 0).numpy() for r in chosen]
+            results[domain] = {}
+            for name, factor, severity in variants:
+                diameters, truths = [], []
+                for index, (record, image) in enumerate(zip(chosen, images, strict=True)):
+                    scale = factor
+                    if severity:
+                        shift = name.rsplit("-", 1)[0]
+                        shifted = apply_shift(
+                            shift, severity, image, record.boxes_xyxy, record.labels,
+                            shift_seed(shift, severity, index),
+                        )  # fmt: skip
+                        image, scale = shifted.image, shifted.cell_scale
+                    elif factor != 1.0:
+                        image = _resized(image, factor)
+                    pixels = torch.from_numpy(np.array(image, order="C"))  # a writable copy
+                    diameters.append(red_cell_diameters(pixels.permute(2, 0, 1)))
+                    truths.append(record.pixel_size_um / scale)
+                    progress.advance(task)
+                truth = float(np.median(truths))
+                diameter = median_red_cell_diameter(torch.cat(diameters))
+                value = RED_CELL_DIAMETER_UM / diameter if diameter > 0 else None
+                results[domain][name] = {
+                    "truth_um": truth,
+                    "estimate_um": value,
+                    "error": None if value is None else _relative_error(value, truth),
+                    "cells": int(sum(d.numel() for d in diameters)),
+                    "images": len(diameters),
+                }
+                if name == "as given":  # each image alone
+                    per_image[domain] = [
+                        abs(_relative_error(RED_CELL_DIAMETER_UM / d, t)) if d > 0 else math.inf
+                        for d, t in zip(map(median_red_cell_diameter, diameters), truths, strict=True)
+                    ]
+    single = {
+        domain: {
+            "median_abs_error": float(np.median(errors)),
+            "failed": int(sum(not math.isfinite(e) for e in errors)),
+            "images": len(errors),
+        }
+        for domain, errors in per_image.items()
+    }
+    document = {
+        "images_per_domain": args.images,
+        "default_images_per_estimate": MAX_IMAGES,
+        "pooled": results,
+        "single_image": single,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PIXEL_SIZE_JSON).write_text(json.dumps(document, indent=2) + "\n")
+    console = Console()
+    console.print(pixel_size_table(results, [v[0] for v in variants]))
+    for domain, row in single.items():
+        console.print(
+            f"{domain}: one image at a time, median |error| {row['median_abs_error']:.0%}, "
+            f"{row['failed']} of {row['images']} without a red cell"
+        )
+    console.print(f"pixel_size: {out / PIXEL_SIZE_JSON}")
+    return document
+
+
+def pixel_size_table(results: dict[str, dict[str, Any]], variants: list[str]) -> Table:
+    """One row per variant, one column per domain: the estimate's relative error."""
+    domains = sorted(results)
+    table = Table(title="pixel-size estimate: error against the data's pixel size")
+    table.add_column("images")
+    for domain in domains:
+        table.add_column(domain, justify="right")
+    for variant in variants:
+        cells = []
+        for domain in domains:
+            error = results[domain][variant]["error"]
+            cells.append("no cells" if error is None else f"{error:+.0%}")
+        table.add_row(variant, *cells)
+    return table
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    """The ``shifts`` and ``loso`` subcommands."""
+    """The ``shifts``, ``loso`` and ``pixel_size`` subcommands."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False
     )
@@ -587,12 +721,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog,
         allow_abbrev=False,
     )
-    for sub in (shifts, loso):
+    pixel_size = commands.add_parser(
+        "pixel_size",
+        help="measure the red-cell pixel-size estimate on the test images (no model)",
+        description="Estimate each test domain's pixel size from its red cells: as given, "
+        "resized, and under every shift; compare with the pixel size the data gives.",
+        epilog="Other arguments (--data.*) build the data as lld does.",
+        allow_abbrev=False,
+    )
+    for sub in (shifts, loso, pixel_size):
         sub.add_argument(
             "--config", action="append", required=True,
             help="lld config file (repeat for overlays), as for `lld --config`",
         )  # fmt: skip
         sub.add_argument("--out", required=True, help="output folder")
+    for sub in (shifts, loso):
         sub.add_argument(
             "--class_name",
             help="the class whose AP@.5 is reported (default: the first class, WBC on TXL-PBC)",
@@ -601,12 +744,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt_path", required=True,
         help="checkpoint to test; best or last: of the latest run in --trainer.default_root_dir",
     )  # fmt: skip
-    shifts.add_argument(
-        "--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS), help="the shifts to apply"
-    )
-    shifts.add_argument(
-        "--severities", nargs="+", type=int, choices=SEVERITIES, default=list(SEVERITIES),
-        help="the severities of each shift",
+    for sub in (shifts, pixel_size):
+        sub.add_argument(
+            "--shifts", nargs="+", choices=SHIFTS, default=list(SHIFTS), help="the shifts to apply"
+        )
+        sub.add_argument(
+            "--severities", nargs="+", type=int, choices=SEVERITIES, default=list(SEVERITIES),
+            help="the severities of each shift",
+        )  # fmt: skip
+    pixel_size.add_argument(
+        "--images", type=int, default=16,
+        help="test images per domain, pooled into one estimate (evenly spaced)",
     )  # fmt: skip
     shifts.add_argument(
         "--adapt", action="store_true",
@@ -635,6 +783,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if args.command == "shifts":
             return run_shifts(args, lld_args)
+        if args.command == "pixel_size":
+            return run_pixel_size(args, lld_args)
         return run_loso(args, lld_args)
     except ToolError as error:
         print(f"robustness {args.command}: {error}", file=sys.stderr)
