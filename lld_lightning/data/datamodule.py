@@ -16,7 +16,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 
 from lld_lightning.constants import (
@@ -48,6 +48,7 @@ from lld_lightning.data.red_cells import (
     NoRedCellsError,
     PixelSizeEstimate,
     estimate_pixel_size,
+    evenly_spaced,
 )
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.sparse import simulate_sparse
@@ -165,7 +166,9 @@ class PixelSize:
         values = {"working": self.working, "default": self.default, **(self.by_domain or {})}
         for name, value in values.items():
             if value is not None and not value > 0:
-                raise ValueError(f"pixel_size.{name} must be a positive number of micrometres, got {value}")
+                raise ValueError(
+                    f"pixel_size.{name} must be a positive number of micrometres, got {value}"
+                )
 
     def of(self, record: ImageRecord) -> float | None:
         """The pixel size of ``record`` (its own, else its domain's, else the default)."""
@@ -520,9 +523,8 @@ class LldDataModule(L.LightningDataModule):
                 unknown.setdefault(record.domain, []).append(record)
         console = Console(stderr=True)
         for domain, group in sorted(unknown.items()):
-            step = max(1.0, len(group) / MAX_IMAGES)
             images = []
-            for record in (group[int(i * step)] for i in range(min(len(group), MAX_IMAGES))):
+            for record in evenly_spaced(group, MAX_IMAGES):
                 try:
                     images.append(read_image(record.path, self.reading.max_image_pixels))
                 except DataError:  # the loader skips and lists it; the others still measure
@@ -539,11 +541,12 @@ class LldDataModule(L.LightningDataModule):
             self.estimated_pixel_sizes[domain] = estimate
             for record in group:
                 record.pixel_size_um = estimate.pixel_size_um
-            console.print(
-                f"pixel size of {domain!r}: {estimate.pixel_size_um:.4g} um measured from "
-                f"{estimate.cells} cells in {estimate.images} image(s) (red cells "
-                f"{estimate.diameter_px:.0f} px across)"
-            )
+            if rank_zero_only.rank == 0:  # every process measures; one says so
+                console.print(
+                    f"pixel size of {domain!r}: {estimate.pixel_size_um:.4g} um measured from "
+                    f"{estimate.cells} cells in {estimate.images} image(s) (red cells "
+                    f"{estimate.diameter_px:.0f} px across)"
+                )
 
     def _predict_manifest(self) -> Manifest | None:
         """``reading.manifest`` when it is an absolute path or exists under ``root``: it may give

@@ -64,7 +64,8 @@ class PixelSizeEstimate:
     Attributes:
         pixel_size_um: micrometres per pixel of the measured images.
         diameter_px: median red-cell diameter in the images' pixels.
-        cells: how many round components the median was taken over.
+        cells: how many round components were measured (red cells, and the few white cells and
+            specks the median leaves aside).
         images: how many images were measured.
     """
 
@@ -135,10 +136,7 @@ def estimate_pixel_size(
     Raises:
         NoRedCellsError: no round cells in any of the images.
     """
-    images = list(images)
-    if len(images) > max_images:
-        step = len(images) / max_images
-        images = [images[int(i * step)] for i in range(max_images)]
+    images = evenly_spaced(list(images), max_images)
     diameters = [red_cell_diameters(image) for image in images]
     pooled = torch.cat(diameters) if diameters else torch.zeros(0)
     diameter = median_red_cell_diameter(pooled)
@@ -152,6 +150,14 @@ def estimate_pixel_size(
         cells=int(pooled.numel()),
         images=len(images),
     )
+
+
+def evenly_spaced(items: list, limit: int) -> list:
+    """At most ``limit`` of ``items``, evenly spaced from the first (all when there are fewer)."""
+    if len(items) <= limit:
+        return list(items)
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
 
 
 # ------------------------------------------------------------------------------------ steps

@@ -596,6 +596,7 @@ def run_pixel_size(args: argparse.Namespace, lld_args: list[str]) -> dict[str, A
     from lld_lightning.constants import RED_CELL_DIAMETER_UM
     from lld_lightning.data.red_cells import (
         MAX_IMAGES,
+        evenly_spaced,
         median_red_cell_diameter,
         red_cell_diameters,
     )
@@ -619,8 +620,7 @@ def run_pixel_size(args: argparse.Namespace, lld_args: list[str]) -> dict[str, A
         total = sum(min(len(r), args.images) for r in by_domain.values()) * len(variants)
         task = progress.add_task("measuring red cells", total=total)
         for domain, records in sorted(by_domain.items()):
-            step = max(1.0, len(records) / args.images)
-            chosen = [records[int(i * step)] for i in range(min(len(records), args.images))]
+            chosen = evenly_spaced(records, args.images)
             images = [read_image(r.path).permute(1, 2, 0).numpy() for r in chosen]
             results[domain] = {}
             for name, factor, severity in variants:
