@@ -39,8 +39,9 @@ from lld_lightning.callbacks.checkpoint import (
     run_folder_of,
 )
 from lld_lightning.callbacks.predict_writer import PredictionWriter
-from lld_lightning.data.datamodule import AUTO_PIXEL_SIZE, LldDataModule
+from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
+from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE
 from lld_lightning.metrics import EvaluationDetails
 from lld_lightning.metrics.results import PLOTS_DIR, write_test_outputs
 from lld_lightning.models.backbone import BackboneError

@@ -32,7 +32,7 @@ from torch import Tensor
 from lld_lightning.boxes import nms
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, _to_rgb_array, read_image
-from lld_lightning.data.red_cells import PixelSizeEstimate, estimate_pixel_size
+from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE, PixelSizeEstimate, estimate_pixel_size
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.models.postprocess import Detections
@@ -230,11 +230,9 @@ def load_image(image: ImageLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     )
 
 
-#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, `AUTO` (measured from the images'
-#: red cells) or None (unknown).
+#: ``pixel_size_um`` of `Predictor`: micrometres per pixel, `AUTO_PIXEL_SIZE` (measured from the
+#: images' red cells) or None (unknown).
 PixelSizeArg = float | Literal["auto"] | None
-#: ``pixel_size_um="auto"``: measure the pixel size of the images from their red cells.
-AUTO = "auto"
 
 _NO_WORKING_RESOLUTION = (
     "this model has no working resolution (its data.pixel_size.working is null: it letterboxes "
@@ -429,12 +427,18 @@ class Predictor:
             return None
         if self.working_pixel_size is None:
             raise ValueError(_NO_WORKING_RESOLUTION)
-        if isinstance(pixel_size_um, str) and pixel_size_um == AUTO:
+        if isinstance(pixel_size_um, str) and pixel_size_um == AUTO_PIXEL_SIZE:
             self.pixel_size_estimate = estimate_pixel_size(images)
             return self.pixel_size_estimate.pixel_size_um
-        value = float(pixel_size_um)
+        try:
+            value = float(pixel_size_um)
+        except (TypeError, ValueError):
+            value = math.nan
         if not value > 0:
-            raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
+            raise ValueError(
+                f"pixel_size_um must be a positive number or {AUTO_PIXEL_SIZE!r}, "
+                f"got {pixel_size_um!r}"
+            )
         return value
 
     def _detect_prepared(self, batch: Batch) -> tuple[Batch, list[Detections]]:

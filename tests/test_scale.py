@@ -380,10 +380,13 @@ def test_the_same_cell_is_found_at_three_resolutions_with_the_pixel_size_measure
     assert np.abs(found[2.0] - found[1.0]).max() < 6.0
 
 
-def test_a_letterboxing_model_refuses_auto() -> None:
+def test_a_letterboxing_model_refuses_auto_and_a_bad_size_is_named() -> None:
     predictor = Predictor(_stand_in_detect, ["WBC"], {}, image_size=64)
     with pytest.raises(ValueError, match="no working resolution"):
         predictor(np.zeros((8, 8, 3), dtype=np.uint8), pixel_size_um="auto")
+    for bad in ("big", -0.2):
+        with pytest.raises(ValueError, match=f"positive number or 'auto', got {bad!r}"):
+            _predictor()(np.zeros((8, 8, 3), dtype=np.uint8), pixel_size_um=bad)
 
 
 def test_lld_predict_measures_each_domain_pixel_size(

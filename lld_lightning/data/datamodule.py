@@ -44,6 +44,7 @@ from lld_lightning.data.images import (
 )
 from lld_lightning.data.records import ImageRecord
 from lld_lightning.data.red_cells import (
+    AUTO_PIXEL_SIZE,
     MAX_IMAGES,
     NoRedCellsError,
     PixelSizeEstimate,
@@ -62,11 +63,6 @@ NOT_AN_IMAGE: str = "not an image"
 
 #: The batch keys that the teacher's view repeats, as ``teacher_<key>``.
 TEACHER_KEYS: tuple[str, ...] = ("image", "transform", "boxes", "labels", "regions", "region_valid")
-
-#: ``predict_pixel_size_um`` (``lld predict --pixel_size_um auto``): measure each domain's pixel
-#: size from its red cells.
-AUTO_PIXEL_SIZE = "auto"
-
 
 @dataclass(frozen=True)
 class SyntheticData:

@@ -32,6 +32,9 @@ from torch import Tensor
 
 from lld_lightning.constants import RED_CELL_DIAMETER_UM
 
+#: The value of a pixel size option (``lld predict --pixel_size_um``, `Predictor`'s
+#: ``pixel_size_um``) that asks for it to be measured from the images' red cells.
+AUTO_PIXEL_SIZE: str = "auto"
 #: Images are measured with their longer side at most this many pixels (cells stay tens of
 #: pixels wide at every magnification a blood film is read at; the cost stays a fraction of a
 #: second an image).
