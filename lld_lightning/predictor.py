@@ -427,7 +427,7 @@ class Predictor:
             return None
         if self.working_pixel_size is None:
             raise ValueError(_NO_WORKING_RESOLUTION)
-        if isinstance(pixel_size_um, str) and pixel_size_um == AUTO_PIXEL_SIZE:
+        if pixel_size_um == AUTO_PIXEL_SIZE:
             self.pixel_size_estimate = estimate_pixel_size(images)
             return self.pixel_size_estimate.pixel_size_um
         try:

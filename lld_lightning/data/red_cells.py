@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kornia.contrib import connected_components_union_find
+from kornia.filters import otsu_threshold
 from torch import Tensor
 
 from lld_lightning.constants import RED_CELL_DIAMETER_UM
@@ -106,7 +108,7 @@ def red_cell_diameters(image: Tensor) -> Tensor:
     textured = relative[~flat[0, 0]]
     if textured.numel() == 0:
         return torch.zeros(0)
-    mask = _fill_holes((relative < _threshold(textured)) & ~flat[0, 0])
+    mask = _fill_holes((relative <= _threshold(textured)) & ~flat[0, 0])
     return _round_components(mask) / factor
 
 
@@ -185,73 +187,39 @@ def _local_std(green: Tensor) -> Tensor:
     return (square - mean**2).clamp(min=0).sqrt()
 
 
-def _otsu(values: Tensor, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D tensor: the cut that maximises the between-class variance."""
-    low, high = float(values.min()), float(values.max())
-    if not high > low:
-        return high
-    hist = torch.histc(values, bins=bins, min=low, max=high).double()
-    p = hist / hist.sum()
-    omega = torch.cumsum(p, 0)
-    mu = torch.cumsum(p * torch.arange(bins, dtype=torch.float64), 0)
-    between = (mu[-1] * omega - mu) ** 2 / (omega * (1 - omega))
-    k = int(torch.nan_to_num(between, nan=-1.0).argmax())
-    return low + (k + 1) * (high - low) / bins
-
-
 def _threshold(values: Tensor) -> float:
-    """Cells are darker than this. Otsu's cut, unless it only split off the darkest stain (the
+    """Cells are this dark or darker. Otsu's cut, unless it only split off the darkest stain (the
     nuclei of a white-cell close-up): then under a fifth of the field lies below it, and a second
     cut above it separates a further tenth or more of the field (the red cells) from the light."""
     values = values.flatten()
     cut = _otsu(values)
-    below = float((values < cut).float().mean())
+    below = float((values <= cut).float().mean())
     if below < 0.2:
-        second = _otsu(values[values >= cut])
-        if float((values < second).float().mean()) - below >= 0.1:
+        second = _otsu(values[values > cut])
+        if float((values <= second).float().mean()) - below >= 0.1:
             cut = second
     return cut
 
 
+def _otsu(values: Tensor) -> float:
+    """Otsu's threshold of a 1-D tensor: the values at or below it are one class."""
+    return float(otsu_threshold(values[None])[1])
+
+
 def _fill_holes(mask: Tensor) -> Tensor:
-    """``mask`` with its small holes filled (a red cell's pale centre): background regions the
-    border cannot reach, below `MAX_HOLE` of the field. A larger enclosed region is the field
-    inside a dark ring (a round field stop, a padded border) and stays background."""
-    background = (~mask).float()[None, None]
-    reached = torch.zeros_like(background)
-    reached[..., 0, :] = background[..., 0, :]
-    reached[..., -1, :] = background[..., -1, :]
-    reached[..., :, 0] = background[..., :, 0]
-    reached[..., :, -1] = background[..., :, -1]
-    for _ in _converging(reached):
-        grown = F.max_pool2d(reached, 3, 1, 1) * background
-        if torch.equal(grown, reached):
-            break
-        reached = grown
-    holes = (background > 0) & (reached == 0)
-    labels = _labels(holes[0, 0])
+    """``mask`` with its small holes filled (a red cell's pale centre): background components
+    that do not touch the border, below `MAX_HOLE` of the field. A larger enclosed region is the
+    field inside a dark ring (a round field stop, a padded border) and stays background."""
+    labels = _labels(~mask)
+    border = torch.cat([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     area = torch.bincount(labels.flatten())
-    small = area[labels] <= MAX_HOLE * mask.numel()
-    return mask | (holes[0, 0] & small & (labels > 0))
-
-
-def _converging(tensor: Tensor) -> range:
-    """Iterations enough for a front to cross the image along any path."""
-    return range(2 * (tensor.shape[-1] + tensor.shape[-2]))
+    holes = (labels > 0) & ~torch.isin(labels, border)
+    return mask | (holes & (area[labels] <= MAX_HOLE * mask.numel()))
 
 
 def _labels(mask: Tensor) -> Tensor:
     """Connected components (8-connected) of ``mask``: int64 ``[H, W]``, 0 = background."""
-    height, width = mask.shape
-    inside = mask.float()[None, None]
-    labels = torch.arange(1, height * width + 1, dtype=torch.float64).reshape(1, 1, height, width)
-    labels = labels * inside
-    for _ in _converging(labels):
-        grown = F.max_pool2d(labels, 3, 1, 1) * inside
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return labels[0, 0].long()
+    return connected_components_union_find(mask.to(torch.uint8)[None, None])[0, 0]
 
 
 def _distance(mask: Tensor) -> Tensor:
@@ -259,7 +227,7 @@ def _distance(mask: Tensor) -> Tensor:
     erosions); outside the image counts as mask, so a cell cut by the border keeps its radius."""
     current = mask.float()[None, None]
     distance = torch.zeros_like(current)
-    for step in _converging(current):
+    for step in range(max(current.shape[-2:])):  # any mask is eroded away by then
         if not bool(current.any()):
             break
         distance += current
