@@ -39,6 +39,8 @@ class ImageRecord:
         split: ``train``/``val``/``test`` or another split name, ``""`` when unknown.
         label_path: the label file it came from, if any (for error messages).
         pixel_size_um: micrometres per pixel (the image's physical scale), None = unknown.
+        label_lines: int64 ``[N]`` 1-based line of each cell in ``label_path`` (the text label
+            formats), so a report can point at it; None where the format has no lines (COCO).
     """
 
     path: Path
@@ -53,6 +55,7 @@ class ImageRecord:
     split: str = ""
     label_path: Path | None = None
     pixel_size_um: float | None = None
+    label_lines: np.ndarray | None = None
 
     @property
     def num_cells(self) -> int:

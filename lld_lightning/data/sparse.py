@@ -50,6 +50,7 @@ def restrict_to_region(record: ImageRecord, region_xyxy: np.ndarray) -> ImageRec
         labels=record.labels[keep],
         attributes=record.attributes[keep],
         regions_xyxy=region,
+        label_lines=None if record.label_lines is None else record.label_lines[keep],
     )
 
 

@@ -156,6 +156,7 @@ def parse_lld_label_file(
         labels=labels,
         attributes=attributes,
         label_path=label_path,
+        label_lines=rows.lines,
     )
     if rows.num_rows:
         record.regions_xyxy = np.unique(regions, axis=0).astype(np.float32)

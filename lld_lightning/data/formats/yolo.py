@@ -335,6 +335,7 @@ def parse_yolo_label_file(
         labels=labels,
         attributes=attributes,
         label_path=label_path,
+        label_lines=rows.lines,
     )
     record.regions_xyxy = record.whole_image_region()
     return record
