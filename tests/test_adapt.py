@@ -247,3 +247,34 @@ def test_a_config_and_flags_override_the_checkpoint_data_settings(setup: dict[st
                                   data_flags=["--data.image_size", "96"])
     assert datamodule.batch_size == 4 and datamodule.image_size == 96  # tiny.yaml, then the flag
     assert len(datamodule.predict_set) == NUM_IMAGES
+
+
+def test_the_images_pixel_size_is_given_or_measured(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = _state(setup["ckpt"])
+    scaled = {"pixel_size": {"working": 0.5}}  # a model that works at 0.5 um per pixel
+    given = build_datamodule(checkpoint, setup["plain"], data=scaled, pixel_size_um=0.25)
+    assert {r.pixel_size_um for r in given.predict_set.records} == {0.25}
+    measured = build_datamodule(checkpoint, setup["plain"], data=scaled, pixel_size_um="auto")
+    (estimate,) = measured.estimated_pixel_sizes.values()
+    assert {r.pixel_size_um for r in measured.predict_set.records} == {estimate.pixel_size_um}
+    out = adapt_checkpoint(
+        setup["ckpt"], setup["plain"], tmp_path / "a.ckpt", data=scaled, pixel_size_um=0.25,
+        progress=False,
+    )
+    assert _state(out)[ADAPTATION_KEY]["pixel_size_um"] == 0.25  # the scale it was adapted at
+    with pytest.raises(AdaptError, match="no working resolution"):
+        build_datamodule(checkpoint, setup["plain"], pixel_size_um=0.25)
+    capsys.readouterr()  # what the measurement above printed
+    err = _refusal(["--ckpt_path", str(setup["ckpt"]), "--data.predict_root", str(setup["plain"]),
+                    "--data.pixel_size.working", "0.5", "--pixel_size_um", "big",
+                    "--output", str(tmp_path / "b.ckpt")], capsys)
+    assert "--pixel_size_um big" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--ckpt_path", str(setup["ckpt"]), "--data.predict_root",
+              str(setup["plain"]), "--data.pixel_size.working", "0.5", "--pixel_size_um", "auto",
+              "--output", str(tmp_path / "c.ckpt")])
+    assert exit_info.value.code == 0
+    assert "measured from" in capsys.readouterr().err
+    assert _state(tmp_path / "c.ckpt")[ADAPTATION_KEY]["pixel_size_um"] > 0

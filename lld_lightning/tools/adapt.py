@@ -48,6 +48,7 @@ from lld_lightning.callbacks.checkpoint import (
 )
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError, error_message
+from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE
 from lld_lightning.module import LldModule
 
 #: Top-level checkpoint key recording the adaptation (plain values: ``weights_only`` loadable).
@@ -198,13 +199,15 @@ def build_datamodule(
     config: str | Path | None = None,
     data: Mapping[str, Any] | None = None,
     data_flags: Sequence[str] = (),
+    pixel_size_um: float | str | None = None,
 ) -> LldDataModule:
     """The checkpoint's data module reading ``images`` (set up for ``predict``).
 
     Settings, each overriding the one before: `LldDataModule`'s defaults, the checkpoint's
     ``datamodule_hyper_parameters``, ``config``'s ``data`` section, ``data``, ``data_flags``
     (``--data.<name> VALUE`` as ``lld`` takes them); ``predict_root`` is ``images`` and the label
-    space is the model's.
+    space is the model's. ``pixel_size_um`` is the images' micrometres per pixel, or
+    `AUTO_PIXEL_SIZE` to measure it from their red cells (as ``lld predict --pixel_size_um``).
 
     Raises:
         AdaptError: the settings do not parse (one line).
@@ -239,8 +242,31 @@ def build_datamodule(
         raise AdaptError(f"data settings: {reason}") from None
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     datamodule: LldDataModule = instantiate(parsed).data
+    if pixel_size_um is not None:
+        datamodule.predict_pixel_size_um = _pixel_size(pixel_size_um, datamodule)
     datamodule.setup("predict")
     return datamodule
+
+
+def _pixel_size(value: float | str, datamodule: LldDataModule) -> float | str:
+    """``--pixel_size_um`` checked: a positive number or `AUTO_PIXEL_SIZE`, for a model with a
+    working resolution."""
+    if datamodule.pixel_size.working is None:
+        raise AdaptError(
+            f"--pixel_size_um {value}: this model has no working resolution "
+            "(data.pixel_size.working is null, it letterboxes every image)"
+        )
+    if value == AUTO_PIXEL_SIZE:
+        return AUTO_PIXEL_SIZE
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise AdaptError(
+            f"--pixel_size_um {value}: give a positive number of micrometres or {AUTO_PIXEL_SIZE}"
+        )
+    return number
 
 
 def _limit(datamodule: LldDataModule, max_images: int, seed: int) -> None:
@@ -286,6 +312,7 @@ def adapt_checkpoint(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    pixel_size_um: float | str | None = None,
 ) -> Path:
     """Write ``ckpt_path`` adapted to the microscope of ``images`` (AdaBN, `adapt_model`).
 
@@ -301,6 +328,9 @@ def adapt_checkpoint(
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1`` ...
         seed: seed of the image sample.
         progress: show a Rich progress bar.
+        pixel_size_um: micrometres per pixel of ``images``, or `AUTO_PIXEL_SIZE` (measured from
+            their red cells); None = what the data settings give (a model with a working
+            resolution resamples the images to it, as ``lld predict`` does).
 
     Returns:
         The path written.
@@ -326,7 +356,7 @@ def adapt_checkpoint(
             f"{ckpt_path}: the model{backbone} has no BatchNorm layer to adapt (its layers "
             "normalise with LayerNorm or GroupNorm, which keep no running statistics)"
         )
-    datamodule = build_datamodule(checkpoint, images, config, data, data_flags)
+    datamodule = build_datamodule(checkpoint, images, config, data, data_flags, pixel_size_um)
     _limit(datamodule, max_images, seed)
     target = _device(device)
     module.to(target)
@@ -362,6 +392,9 @@ def adapt_checkpoint(
         "checkpoint": str(ckpt_path.resolve()),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    sizes = sorted({r.pixel_size_um for r in datamodule.predict_set.records} - {None})
+    if sizes:  # the scale the statistics were taken at
+        record["pixel_size_um"] = sizes if len(sizes) > 1 else sizes[0]
     if isinstance(checkpoint.get(ADAPTATION_KEY), dict):
         record["previous"] = checkpoint[ADAPTATION_KEY]
     adapted[ADAPTATION_KEY] = record
@@ -401,7 +434,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         "--config's data section and --data.* flags override them.",
         epilog="--data.predict_root DIR (required): the new microscope's images (any layout). Any "
         "other --data.<name> VALUE overrides a data setting, e.g. --data.batch_size 16 or, for "
-        "images of another pixel size, --data.pixel_size.default 0.1.",
+        "images of another pixel size, --data.pixel_size.default 0.1 (or --pixel_size_um).",
     )
     parser.add_argument("--ckpt_path", required=True, help="the checkpoint to adapt")
     parser.add_argument(
@@ -419,6 +452,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
+    parser.add_argument(
+        "--pixel_size_um",
+        default=None,
+        help="micrometres per pixel of the images, or auto: measured from their red cells "
+        "(as lld predict --pixel_size_um)",
+    )
     args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     stray = [a for a in rest if a.startswith("--") and not a.startswith("--data.")]
     if stray:
@@ -451,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             device=args.device,
             seed=args.seed,
+            pixel_size_um=args.pixel_size_um,
         )
     except (AdaptError, CheckpointError) as error:
         print(f"lld adapt: {error}", file=sys.stderr)
