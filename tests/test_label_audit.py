@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lld_lightning.data.datamodule import LldDataModule
-from lld_lightning.data.errors import DataReport
+from lld_lightning.data.errors import DataError, DataReport
 from lld_lightning.data.formats.options import FormatOptions
 from lld_lightning.data.formats.yolo import parse_yolo_label_file
 from lld_lightning.data.records import ImageRecord
@@ -237,3 +237,11 @@ def test_refusals_are_one_line(
     assert exit_info.value.code == 2
     out = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in out and "Traceback" not in out
+
+
+def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    predictor = Predictor(_dark_square_detector, NAMES, {}, image_size=128)
+    with pytest.raises(DataError, match="broken.png"):
+        audit(predictor, [_record([[10, 10, 60, 60]], [RBC], path=str(broken))])

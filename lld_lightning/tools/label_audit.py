@@ -238,10 +238,8 @@ def audit(
         for size, group in by_size.items():
             for start in range(0, len(group), predictor.batch_size):
                 chunk = group[start : start + predictor.batch_size]
-                try:
-                    found = predictor.detections([load_image(r.path) for r in chunk], size)
-                except (OSError, ValueError) as error:
-                    raise DataError.at(chunk[0].path, f"cannot audit this batch: {error}") from None
+                # an unreadable image is a DataError naming it
+                found = predictor.detections([load_image(r.path) for r in chunk], size)
                 for record, detections in zip(chunk, found, strict=True):
                     images[record.domain] += 1
                     cells[record.domain] += record.num_cells
