@@ -43,7 +43,12 @@ from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
 from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE
 from lld_lightning.metrics import EvaluationDetails
-from lld_lightning.metrics.results import PLOTS_DIR, write_test_outputs
+from lld_lightning.metrics.results import (
+    PLOTS_DIR,
+    keep_earlier_test,
+    tested_data,
+    write_test_outputs,
+)
 from lld_lightning.models.backbone import BackboneError
 from lld_lightning.module import LldModule
 from lld_lightning.tools.machine import cpu_bf16_units
@@ -313,6 +318,11 @@ class LldCLI(LightningCLI):
         """Write the test results into the run folder of the tested checkpoint."""
         if self.run_dir is None or not self.trainer.is_global_zero:
             return
+        datamodule = self.datamodule
+        data = tested_data(datamodule.data_root, datamodule.splits.test, datamodule.domains.test)
+        kept = keep_earlier_test(self.run_dir, data, [TEST_RESULTS])
+        if kept is not None:
+            rank_zero_info(f"lld test: the results of a test on other data moved to {kept}")
         path = self.run_dir / TEST_RESULTS
         text = json.dumps(self.model.test_results, indent=2, sort_keys=True, default=float) + "\n"
         atomic_write(path, lambda handle: handle.write(text.encode()))
@@ -325,6 +335,7 @@ class LldCLI(LightningCLI):
             self.model.class_names,
             self.model.attribute_spec,
             None if ckpt_path is None else os.path.realpath(ckpt_path),
+            data,
         )
         rank_zero_info(
             f"lld test: results written to {path}, {written[0].name} and {len(written) - 1} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,36 @@ def test_python_api_test_writes_nothing(tested, tmp_path: Path) -> None:
     trainer.test(model, datamodule=cli.datamodule, verbose=False)
     assert model.test_results and model.test_details is not None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_results_say_what_was_tested_and_a_test_on_other_data_keeps_the_earlier_one(
+    tested, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    workdir, cli, _ = tested
+    caplog.set_level("INFO")
+    run = tmp_path / "run" / "version_0"
+    shutil.copytree((workdir / "run" / "version_0").resolve(), run)
+    first = json.loads((run / RESULTS_JSON).read_text())
+    assert first["data"] == {
+        "root": os.path.realpath(cli.datamodule.data_root),
+        "split": cli.datamodule.splits.test,
+        "domains": None,
+    }
+    domain = sorted(first["domains"])[0]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    one = ["test", *_args(workdir), "--ckpt_path", ckpt, "--data.domains.test", f"[{domain}]"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(one)
+    # The earlier test (all domains) is kept under tests/<its date>/, whole.
+    (kept,) = (run / "tests").iterdir()
+    assert json.loads((kept / RESULTS_JSON).read_text()) == first
+    assert (kept / "test_results.json").is_file() and (kept / "plots" / "pr_curves.png").is_file()
+    assert f"moved to {kept}" in caplog.text
+    second = json.loads((run / RESULTS_JSON).read_text())
+    assert second["data"]["domains"] == [domain] and set(second["domains"]) == {domain}
+    # The same test again replaces its own results: nothing more is kept.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(one)
+    assert len(list((run / "tests").iterdir())) == 1

@@ -11,6 +11,7 @@
         events.out.tfevents.*        TensorBoard logs
         test_results.json            what the latest `lld test` of one of its checkpoints measured
         results.json, plots/         the same, structured, with PR curves and confusion matrices
+        tests/<date>/                an earlier test on other data, kept when a new one replaces it
     ROOT/latest -> version_N         the run the latest fit wrote to
 
 A fit resumed from a run's checkpoint (``--ckpt_path ROOT/version_N/checkpoints/last.ckpt``)

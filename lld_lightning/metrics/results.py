@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from lld_lightning.metrics.domains import ALL_DOMAINS, EvaluationDetails
 from lld_lightning.metrics.plots import confusion_matrix_plot, domain_bars_plot, pr_curves_plot
@@ -19,6 +21,9 @@ RESULTS_JSON = "results.json"
 PLOTS_DIR = "plots"
 #: Version of the ``results.json`` layout; bumped when a key changes meaning.
 SCHEMA_VERSION = 1
+#: Folder of the run folder where the results of a test on other data are kept when a new test
+#: replaces them (``tests/<date of that test>/``).
+EARLIER_TESTS_DIR = "tests"
 
 #: ``results.json`` key of each flat ``<scope>/<key>`` metric (besides ``ap/``, ``ap50/`` and
 #: ``attr/<name>/``).
@@ -72,10 +77,12 @@ def results_document(
     attribute_spec: dict[str, int],
     checkpoint: str | None,
     date: datetime | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict:
     """The ``results.json`` content.
 
-    Layout: ``schema_version``, ``checkpoint``, ``date`` (ISO 8601, UTC), ``classes``,
+    Layout: ``schema_version``, ``checkpoint``, ``date`` (ISO 8601, UTC), ``data`` (what was
+    tested: ``root``, ``split``, ``domains``; absent when not given), ``classes``,
     ``attributes`` (``{name: [value names]}``), ``overall`` and ``domains`` (``{domain: ...}``),
     each scope holding ``num_images``, ``map``, ``map_50``, ``map_75``, ``ap_per_class``
     (``{class: AP@[.5:.95]}``, classes with ground truth only), ``ap50_per_class`` (``{class:
@@ -90,6 +97,7 @@ def results_document(
         attribute_spec: ``{name: number of values}``.
         checkpoint: the tested checkpoint's path.
         date: when the test ran; now by default.
+        data: the tested data (`tested_data`).
     """
     suffix = "/num_images"
     scopes = [key.removesuffix(suffix) for key in flat if key.endswith(suffix)]
@@ -97,6 +105,7 @@ def results_document(
         "schema_version": SCHEMA_VERSION,
         "checkpoint": checkpoint,
         "date": (date or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        **({"data": data} if data is not None else {}),
         "classes": list(class_names),
         "attributes": attribute_value_names(attribute_spec),
     }
@@ -109,6 +118,47 @@ def results_document(
     document["overall"] = scope(ALL_DOMAINS) if ALL_DOMAINS in scopes else {}
     document["domains"] = {name: scope(name) for name in scopes if name != ALL_DOMAINS}
     return document
+
+
+def tested_data(root: str | os.PathLike, split: str, domains: list[str] | None) -> dict[str, Any]:
+    """``results.json``'s ``data``: the absolute data root, the split and the tested domains
+    (None = all)."""
+    return {
+        "root": os.path.realpath(root),
+        "split": split,
+        "domains": None if domains is None else list(domains),
+    }
+
+
+def keep_earlier_test(run_dir: Path, data: dict[str, Any], files: list[str]) -> Path | None:
+    """Before a test writes into ``run_dir``: when it holds the results of a test on other data
+    (or of unknown data), move them (``results.json``, the other ``files`` and ``plots/``) into
+    ``tests/<that test's date>/`` so that the new test does not replace them.
+
+    Returns:
+        The folder they were moved to; None when there was nothing to keep (no earlier test, or
+        one of the same data, which the new test repeats).
+    """
+    previous = run_dir / RESULTS_JSON
+    if not previous.is_file():
+        return None
+    try:
+        document = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        document = {}
+    if document.get("data") == data:
+        return None
+    stamp = re.sub(r"[^\w-]", "", str(document.get("date") or "undated").replace(":", "-"))
+    target = run_dir / EARLIER_TESTS_DIR / stamp
+    index = 1
+    while target.exists():
+        index += 1
+        target = run_dir / EARLIER_TESTS_DIR / f"{stamp}_{index}"
+    target.mkdir(parents=True)
+    for name in [RESULTS_JSON, *files, PLOTS_DIR]:
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(target / name))
+    return target
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -135,6 +185,7 @@ def write_test_outputs(
     class_names: list[str],
     attribute_spec: dict[str, int],
     checkpoint: str | None,
+    data: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write ``results.json`` and the plots into ``run_dir``: ``plots/pr_curves.png`` (per class,
     IoU 0.5, all domains), ``plots/confusion_<attribute>.png`` (all domains) and
@@ -143,7 +194,7 @@ def write_test_outputs(
     Returns:
         The files written.
     """
-    document = results_document(flat, details, class_names, attribute_spec, checkpoint)
+    document = results_document(flat, details, class_names, attribute_spec, checkpoint, data=data)
     written = [run_dir / RESULTS_JSON]
     _write_bytes(written[0], (json.dumps(document, indent=2) + "\n").encode())
     plots = run_dir / PLOTS_DIR
