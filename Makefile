@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 # Exact pins for the machines we test on (the package itself takes ranges).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all lint format smoke demo fit test-model predict txl shifts loso pixel-size benchmark sparse-study gpu-prep clean
+.PHONY: install test test-all lint format smoke demo fit test-model predict txl shifts loso pixel-size audit benchmark sparse-study gpu-prep clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,9 @@ shifts: CKPT ?= runs/txl/latest/checkpoints/best.ckpt
 shifts: OUT ?= runs/shifts
 loso: OUT ?= runs/loso
 pixel-size: OUT ?= runs/pixel_size
+audit: CKPT ?= runs/txl/latest/checkpoints/best.ckpt
+audit: OUT ?= runs/audit
+audit: SPLIT ?= test
 
 shifts: install          ## shifted-microscopes suite: test CKPT on CONFIG's test images under 7 shifts (6, and all at once) x 3 severities
 	$(PY) -m lld_lightning.tools.robustness shifts --config $(CONFIG) --ckpt_path $(CKPT) --out $(OUT) $(ROBUSTNESS_ARGS)
@@ -65,6 +68,9 @@ loso: install            ## leave one source out: for each source of CONFIG, fit
 
 pixel-size: install      ## the red-cell pixel-size estimate on CONFIG's test images: as given, resized, shifted (no model)
 	$(PY) -m lld_lightning.tools.robustness pixel_size --config $(CONFIG) --out $(OUT) $(ROBUSTNESS_ARGS)
+
+audit: install           ## labels CKPT confidently contradicts in CONFIG's SPLIT, by file and line (CSV + contact sheet in OUT)
+	$(PY) -m lld_lightning.tools.label_audit --config $(CONFIG) --ckpt_path $(CKPT) --split $(SPLIT) --out $(OUT) $(AUDIT_ARGS)
 
 benchmark: install       ## speed/memory vs torchvision FCOS with the same backbone (about 10 min on 2 CPU cores)
 	$(PY) -m lld_lightning.tools.benchmark $(BENCHMARK_ARGS)
