@@ -99,13 +99,19 @@ def test_a_box_overlapping_below_iou_one_half_is_not_the_cell() -> None:
 def test_unlabelled_cells_count_only_inside_the_annotated_regions() -> None:
     record = _record([[10, 10, 40, 40]], [WBC], regions=[[0, 0, 100, 100]])
     detections = _detections(
-        [[10, 10, 40, 40], [50, 50, 90, 90], [120, 120, 180, 180], [60, 10, 95, 40]],
-        [0.9, 0.7, 0.95, 0.3],
-        [WBC, RBC, RBC, RBC],
+        [
+            [10, 10, 40, 40],
+            [50, 50, 90, 90],
+            [51, 50, 90, 91],
+            [120, 120, 180, 180],
+            [60, 10, 95, 40],
+        ],
+        [0.9, 0.7, 0.6, 0.95, 0.3],
+        [WBC, RBC, WBC, RBC, RBC],
     )
     (suspect,) = audit_image(record, detections, NAMES)
-    # Inside the region and alone: reported; outside it (unknown, not background) or below
-    # min_score: not.
+    # Inside the region and alone: reported once, as its best class; outside the region
+    # (unknown, not background) or below min_score: not.
     assert (suspect.kind, suspect.seen, suspect.line, suspect.labelled) == (
         UNLABELLED,
         "RBC",

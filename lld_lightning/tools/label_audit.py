@@ -41,7 +41,7 @@ from rich.table import Table
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from lld_lightning.boxes import box_centres, points_in_boxes
+from lld_lightning.boxes import box_centres, nms, points_in_boxes
 from lld_lightning.constants import MATCH_IOU
 from lld_lightning.data.errors import DataError, error_message
 from lld_lightning.data.records import ImageRecord
@@ -177,7 +177,10 @@ def audit_image(
     if len(regions):
         inside = points_in_boxes(box_centres(boxes), regions)
         alone = iou.amax(dim=0) < UNLABELLED_IOU if len(cells) else torch.ones_like(inside)
-        for k in torch.nonzero(inside & alone & (scores >= min_score)).flatten().tolist():
+        found = torch.nonzero(inside & alone & (scores >= min_score)).flatten()
+        # One suspect per cell: its best class (the detector keeps one box per class).
+        found = found[nms(boxes[found], scores[found], MATCH_IOU)]
+        for k in found.tolist():
             suspects.append(
                 Suspect(
                     kind=UNLABELLED,
