@@ -41,7 +41,7 @@ from lld_lightning.callbacks.checkpoint import (
 from lld_lightning.callbacks.predict_writer import PredictionWriter
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError
-from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE
+from lld_lightning.data.red_cells import pixel_size_option
 from lld_lightning.metrics import EvaluationDetails
 from lld_lightning.metrics.results import (
     PLOTS_DIR,
@@ -304,15 +304,11 @@ class LldCLI(LightningCLI):
         value = self.config["predict"].get("pixel_size_um")
         if value is None:
             return
-        if self.datamodule.pixel_size.working is None:
-            _refuse("predict", f"--pixel_size_um {value}: this model has no working resolution "
-                    "(data.pixel_size.working is null, it letterboxes every image)")
-        if value == AUTO_PIXEL_SIZE:
-            self.datamodule.predict_pixel_size_um = AUTO_PIXEL_SIZE
-            return
-        if not value > 0:
-            _refuse("predict", f"--pixel_size_um {value}: give a positive number of micrometres")
-        self.datamodule.predict_pixel_size_um = float(value)
+        try:
+            checked = pixel_size_option(value, self.datamodule.pixel_size.working)
+        except ValueError as error:
+            _refuse("predict", f"--pixel_size_um {value}: {error}")
+        self.datamodule.predict_pixel_size_um = checked
 
     def after_test(self) -> None:
         """Write the test results into the run folder of the tested checkpoint."""

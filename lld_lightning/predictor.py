@@ -32,7 +32,12 @@ from torch import Tensor
 from lld_lightning.boxes import nms
 from lld_lightning.constants import LLD_ATTRIBUTE_VALUES
 from lld_lightning.data.images import DEFAULT_MAX_IMAGE_PIXELS, _to_rgb_array, read_image
-from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE, PixelSizeEstimate, estimate_pixel_size
+from lld_lightning.data.red_cells import (
+    AUTO_PIXEL_SIZE,
+    PixelSizeEstimate,
+    estimate_pixel_size,
+    pixel_size_option,
+)
 from lld_lightning.data.sample import Batch, collate
 from lld_lightning.data.transforms import Augmentation, DeviceAugmentation, invert_boxes
 from lld_lightning.models.postprocess import Detections
@@ -234,10 +239,6 @@ def load_image(image: ImageLike, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
 #: images' red cells) or None (unknown).
 PixelSizeArg = float | Literal["auto"] | None
 
-_NO_WORKING_RESOLUTION = (
-    "this model has no working resolution (its data.pixel_size.working is null: it letterboxes "
-    "every image), so a pixel size changes nothing; train with data.pixel_size.working set"
-)
 
 
 def collate_images(
@@ -425,21 +426,11 @@ class Predictor:
     def _pixel_size(self, pixel_size_um: PixelSizeArg, images: list[Tensor]) -> float | None:
         if pixel_size_um is None:
             return None
-        if self.working_pixel_size is None:
-            raise ValueError(_NO_WORKING_RESOLUTION)
-        if pixel_size_um == AUTO_PIXEL_SIZE:
+        value = pixel_size_option(pixel_size_um, self.working_pixel_size)
+        if value == AUTO_PIXEL_SIZE:
             self.pixel_size_estimate = estimate_pixel_size(images)
             return self.pixel_size_estimate.pixel_size_um
-        try:
-            value = float(pixel_size_um)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not value > 0:
-            raise ValueError(
-                f"pixel_size_um must be a positive number or {AUTO_PIXEL_SIZE!r}, "
-                f"got {pixel_size_um!r}"
-            )
-        return value
+        return float(value)
 
     def _detect_prepared(self, batch: Batch) -> tuple[Batch, list[Detections]]:
         """Letterbox (or resample) a collated batch on the device and detect: (view, detections)."""

@@ -64,6 +64,7 @@ NOT_AN_IMAGE: str = "not an image"
 #: The batch keys that the teacher's view repeats, as ``teacher_<key>``.
 TEACHER_KEYS: tuple[str, ...] = ("image", "transform", "boxes", "labels", "regions", "region_valid")
 
+
 @dataclass(frozen=True)
 class SyntheticData:
     """The built-in synthetic LLD-like data, generated on first use when ``root`` is null.

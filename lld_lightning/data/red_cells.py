@@ -80,6 +80,34 @@ class PixelSizeEstimate:
     images: int
 
 
+def pixel_size_option(value: object, working_pixel_size: float | None) -> float | str:
+    """A pixel-size option (``--pixel_size_um`` of ``lld predict`` and ``lld adapt``,
+    `Predictor`'s ``pixel_size_um``) checked: `AUTO_PIXEL_SIZE`, or a positive number of
+    micrometres per pixel (returned as a float).
+
+    Raises:
+        ValueError: the model has no working resolution (``working_pixel_size`` None: it
+            letterboxes, so a pixel size would change nothing), or the value is neither.
+    """
+    if working_pixel_size is None:
+        raise ValueError(
+            "this model has no working resolution (its data.pixel_size.working is null: it "
+            "letterboxes every image), so a pixel size changes nothing; train with "
+            "data.pixel_size.working set"
+        )
+    if value == AUTO_PIXEL_SIZE:
+        return AUTO_PIXEL_SIZE
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > 0:
+        raise ValueError(
+            f"pixel_size_um must be a positive number or {AUTO_PIXEL_SIZE!r}, got {value!r}"
+        )
+    return number
+
+
 class NoRedCellsError(ValueError):
     """No round cells were found in the images: the pixel size has to be given."""
 

@@ -48,7 +48,7 @@ from lld_lightning.callbacks.checkpoint import (
 )
 from lld_lightning.data.datamodule import LldDataModule
 from lld_lightning.data.errors import DataError, error_message
-from lld_lightning.data.red_cells import AUTO_PIXEL_SIZE
+from lld_lightning.data.red_cells import pixel_size_option
 from lld_lightning.module import LldModule
 
 #: Top-level checkpoint key recording the adaptation (plain values: ``weights_only`` loadable).
@@ -243,30 +243,13 @@ def build_datamodule(
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     datamodule: LldDataModule = instantiate(parsed).data
     if pixel_size_um is not None:
-        datamodule.predict_pixel_size_um = _pixel_size(pixel_size_um, datamodule)
+        try:
+            checked = pixel_size_option(pixel_size_um, datamodule.pixel_size.working)
+        except ValueError as error:
+            raise AdaptError(f"--pixel_size_um {pixel_size_um}: {error}") from None
+        datamodule.predict_pixel_size_um = checked
     datamodule.setup("predict")
     return datamodule
-
-
-def _pixel_size(value: float | str, datamodule: LldDataModule) -> float | str:
-    """``--pixel_size_um`` checked: a positive number or `AUTO_PIXEL_SIZE`, for a model with a
-    working resolution."""
-    if datamodule.pixel_size.working is None:
-        raise AdaptError(
-            f"--pixel_size_um {value}: this model has no working resolution "
-            "(data.pixel_size.working is null, it letterboxes every image)"
-        )
-    if value == AUTO_PIXEL_SIZE:
-        return AUTO_PIXEL_SIZE
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0:
-        raise AdaptError(
-            f"--pixel_size_um {value}: give a positive number of micrometres or {AUTO_PIXEL_SIZE}"
-        )
-    return number
 
 
 def _limit(datamodule: LldDataModule, max_images: int, seed: int) -> None:
