@@ -146,21 +146,23 @@ def audit_image(
     cells = torch.from_numpy(record.boxes_xyxy).float().reshape(-1, 4)
     cell_labels = torch.from_numpy(record.labels).long()
     regions = torch.from_numpy(record.regions_xyxy).float().reshape(-1, 4)
+    if not len(boxes):  # the model found nothing: nothing to contradict a label with
+        return []
     iou = box_iou(cells, boxes)  # [M, N]
     common = {
         "image": str(record.path),
         "domain": record.domain,
         "label_file": str(record.label_path or ""),
     }
+    # Per cell: the labelled class's best score on it, and the best other class reaching
+    # min_score (-1 where none does).
+    overlapping = iou >= MATCH_IOU  # [M, N]
+    same = labels[None] == cell_labels[:, None]  # [M, N]
+    labelled_scores = torch.where(overlapping & same, scores, 0.0).amax(1)
+    other = overlapping & ~same & (scores >= min_score)
+    best_other, best = torch.where(other, scores, -1.0).max(1)
     suspects = []
-    for i in range(len(cells)):
-        overlapping = iou[i] >= MATCH_IOU
-        same = overlapping & (labels == cell_labels[i])
-        labelled_score = float(scores[same].max()) if same.any() else 0.0
-        other = overlapping & (labels != cell_labels[i]) & (scores >= min_score)
-        if labelled_score >= doubt or not other.any():
-            continue
-        k = int(torch.where(other, scores, -1.0).argmax())
+    for i in torch.nonzero((best_other >= 0) & (labelled_scores < doubt)).flatten().tolist():
         line = 0 if record.label_lines is None else int(record.label_lines[i])
         suspects.append(
             Suspect(
@@ -168,9 +170,9 @@ def audit_image(
                 line=line,
                 box=tuple(round(float(v), 1) for v in cells[i]),
                 labelled=class_names[int(cell_labels[i])],
-                seen=class_names[int(labels[k])],
-                score=round(float(scores[k]), 4),
-                labelled_score=round(labelled_score, 4),
+                seen=class_names[int(labels[best[i]])],
+                score=round(float(best_other[i]), 4),
+                labelled_score=round(float(labelled_scores[i]), 4),
                 **common,
             )
         )
