@@ -42,6 +42,7 @@ from lld_lightning.callbacks.checkpoint import (
 from lld_lightning.data.errors import DataError, error_message
 from lld_lightning.data.images import read_image
 from lld_lightning.data.records import ImageRecord
+from lld_lightning.data.red_cells import MAX_IMAGES
 from lld_lightning.data.shifts import (
     SEVERITIES,
     SHIFTS,
@@ -595,7 +596,6 @@ def run_pixel_size(args: argparse.Namespace, lld_args: list[str]) -> dict[str, A
 
     from lld_lightning.constants import RED_CELL_DIAMETER_UM
     from lld_lightning.data.red_cells import (
-        MAX_IMAGES,
         evenly_spaced,
         median_red_cell_diameter,
         red_cell_diameters,
@@ -753,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="the severities of each shift",
         )  # fmt: skip
     pixel_size.add_argument(
-        "--images", type=int, default=16,
+        "--images", type=int, default=MAX_IMAGES,
         help="test images per domain, pooled into one estimate (evenly spaced)",
     )  # fmt: skip
     shifts.add_argument(
